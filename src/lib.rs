@@ -1,0 +1,8 @@
+//! sidecar-shim: a CRI proxy that sits between kubelet and containerd.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod listener;
+pub mod logging;
+pub mod proxy;
+pub mod signal;
