@@ -1,19 +1,184 @@
-//! The CRI proxy: accepts client connections and relays them to the runtime.
+//! The CRI proxy: accepts client connections on the shim's socket and relays
+//! each over its own connection to the runtime (see [`conn`] for why), or
+//! answers UNAVAILABLE while the runtime cannot be reached ([`degraded`]).
+//! Calls to the methods an [`Interceptor`] claims are answered by the shim.
+
+mod conn;
+mod degraded;
+pub mod frame;
+pub mod grpc;
+pub mod hpack;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+/// How long a new client has to send the HTTP/2 connection preface.
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long connecting to the runtime's socket may take before the runtime
+/// counts as unreachable. A Unix socket connects at once or fails at once;
+/// this only bounds a runtime whose accept backlog is full.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A unary call the shim answers itself.
+#[derive(Debug)]
+pub struct LocalCall {
+    /// The gRPC path, e.g. `/runtime.v1.RuntimeService/StartContainer`.
+    pub method: String,
+    /// The request's headers (metadata) as the client sent them.
+    pub headers: hpack::HeaderList,
+    /// The client's deadline (grpc-timeout), if it set one.
+    pub timeout: Option<Duration>,
+    /// The encoded request message.
+    pub message: Bytes,
+}
+
+pub type CallFuture = Pin<Box<dyn Future<Output = Result<Bytes, tonic::Status>> + Send>>;
+
+/// Decides which calls the shim answers itself, and answers them.
+pub trait Interceptor: Send + Sync + 'static {
+    /// Whether calls to `method` (a gRPC path) are answered by [`Self::call`].
+    /// Called for every request, so it must be cheap.
+    fn intercepts(&self, method: &str) -> bool;
+    /// Answer a call: the encoded response message, or a status.
+    fn call(&self, call: LocalCall) -> CallFuture;
+}
+
+/// Forwards everything.
+pub struct ForwardAll;
+
+impl Interceptor for ForwardAll {
+    fn intercepts(&self, _: &str) -> bool {
+        false
+    }
+    fn call(&self, _: LocalCall) -> CallFuture {
+        Box::pin(async { Err(tonic::Status::internal("not intercepted")) })
+    }
+}
 
 /// Serve CRI on `listener`, relaying to the runtime's Unix socket at `runtime`,
 /// until `shutdown` resolves; then stop accepting and drain in-flight calls for
 /// at most `drain`.
 pub async fn serve(
-    listener: tokio::net::UnixListener,
+    listener: UnixListener,
     runtime: PathBuf,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> anyhow::Result<()> {
-    let _ = (listener, runtime, drain);
-    shutdown.await;
+    serve_with(listener, runtime, Arc::new(ForwardAll), shutdown, drain).await
+}
+
+/// [`serve`] with an interceptor.
+pub async fn serve_with(
+    listener: UnixListener,
+    runtime: PathBuf,
+    interceptor: Arc<dyn Interceptor>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let runtime: Arc<PathBuf> = Arc::new(runtime);
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    info!(runtime = %runtime.display(), "serving CRI");
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    conns.spawn(connection(stream, runtime.clone(), interceptor.clone(), drain_rx.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather
+                    // than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let open = conns.len();
+    info!(connections = open, drain_timeout = ?drain, "shutting down: draining in-flight calls");
+    drain_tx.send_replace(true);
+    let drained = tokio::time::timeout(drain, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(connections = conns.len(), "drain timeout: closing connections with calls in flight");
+        conns.abort_all();
+    }
     Ok(())
+}
+
+async fn connection(
+    mut client: UnixStream,
+    runtime: Arc<PathBuf>,
+    interceptor: Arc<dyn Interceptor>,
+    drain: watch::Receiver<bool>,
+) {
+    let mut buf = BytesMut::with_capacity(4096);
+    match tokio::time::timeout(PREFACE_TIMEOUT, read_preface(&mut client, &mut buf)).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            debug!("client did not send the HTTP/2 preface; closing");
+            return;
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "client connection failed before the preface");
+            return;
+        }
+        Err(_) => {
+            debug!("client sent no preface in time; closing");
+            return;
+        }
+    }
+    buf.advance_preface();
+    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(runtime.as_path()))
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")));
+    match upstream {
+        Ok(upstream) => conn::relay(client, upstream, buf, interceptor, drain).await,
+        Err(e) => {
+            debug!(error = %e, "runtime unreachable; answering this connection's calls with UNAVAILABLE");
+            degraded::serve(client, buf, &runtime, e, drain).await
+        }
+    }
+}
+
+/// Read until the 24-byte preface is in `buf`; false if the client sent
+/// something else or closed first.
+async fn read_preface(client: &mut UnixStream, buf: &mut BytesMut) -> std::io::Result<bool> {
+    while buf.len() < frame::PREFACE.len() {
+        if client.read_buf(buf).await? == 0 {
+            return Ok(false);
+        }
+        let n = buf.len().min(frame::PREFACE.len());
+        if buf[..n] != frame::PREFACE[..n] {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+trait AdvancePreface {
+    fn advance_preface(&mut self);
+}
+
+impl AdvancePreface for BytesMut {
+    fn advance_preface(&mut self) {
+        bytes::Buf::advance(self, frame::PREFACE.len());
+    }
 }
