@@ -1,0 +1,663 @@
+//! Configuration: the command line, the optional TOML file, and the checked
+//! [`Config`] the rest of the daemon runs from.
+//!
+//! Precedence is flags > file > built-in defaults. To keep that simple every
+//! setting is optional in both [`Cli`] and [`FileConfig`] (clap's own
+//! `default_value` would hide whether a flag was actually given), and
+//! [`Config::merge`] is the one place that picks a value per key.
+//!
+//! Adding a setting means: a field in [`Cli`], a field in [`FileConfig`], a
+//! field in [`Config`] with its default in `Config::default`, and one line in
+//! [`Config::merge`]. Values are parsed where they are read (clap value parsers
+//! for flags, serde for the file) so errors point at the flag or at the file
+//! line; `merge` only checks rules that involve the final combination.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::{Deserialize, Deserializer};
+
+/// Default path of the socket kubelet connects to.
+pub const DEFAULT_LISTEN: &str = "/run/sidecar-shim/sidecar-shim.sock";
+/// Default CRI endpoint of the real runtime.
+pub const DEFAULT_RUNTIME_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
+/// Default time to let in-flight calls finish after a shutdown signal.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+const AFTER_HELP: &str = "\
+Precedence: command-line flags override the --config file, which overrides the built-in defaults.
+
+Config file (TOML), all keys optional:
+    listen = \"/run/sidecar-shim/sidecar-shim.sock\"
+    runtime_endpoint = \"unix:///run/containerd/containerd.sock\"
+    log_format = \"text\"          # or \"json\"
+    drain_timeout = \"10s\"        # e.g. \"500ms\", \"2m\", \"1m30s\"
+Unknown keys are an error.
+
+Logging: the log filter is read from the RUST_LOG environment variable
+(tracing EnvFilter syntax, e.g. RUST_LOG=debug or RUST_LOG=info,sidecar_shim=trace);
+when unset the filter is \"info\". Logs go to stderr.";
+
+/// Command line of the `sidecar-shim` binary.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "sidecar-shim",
+    version,
+    about = "A CRI proxy between kubelet and containerd that gives sidecar containers a lifecycle",
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    /// Read settings from this TOML file; flags given on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Unix socket path to serve CRI on; point kubelet's --container-runtime-endpoint at it
+    /// [default: /run/sidecar-shim/sidecar-shim.sock]
+    #[arg(long, value_name = "PATH")]
+    pub listen: Option<PathBuf>,
+
+    /// CRI endpoint of the real runtime to forward to: unix:///path or an absolute socket path
+    /// [default: unix:///run/containerd/containerd.sock]
+    #[arg(long, value_name = "ENDPOINT", value_parser = parse_runtime_endpoint)]
+    pub runtime_endpoint: Option<PathBuf>,
+
+    /// Log output format [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// On SIGTERM/SIGINT, how long to let in-flight calls finish, e.g. 10s, 500ms, 2m, 1m30s
+    /// [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+/// The contents of the `--config` TOML file. Every key is optional; values
+/// are validated while parsing so errors carry the file's line and column.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub listen: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_runtime_endpoint")]
+    pub runtime_endpoint: Option<PathBuf>,
+    #[serde(default)]
+    pub log_format: Option<LogFormat>,
+    #[serde(default, deserialize_with = "de_duration")]
+    pub drain_timeout: Option<Duration>,
+}
+
+impl FileConfig {
+    /// Parses TOML text; `path` is only used in the error message.
+    pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Reads and parses the file at `path`.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        FileConfig::parse(&text, path)
+    }
+}
+
+/// The checked configuration the daemon runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Socket path kubelet connects to.
+    pub listen: PathBuf,
+    /// Filesystem path of the runtime's CRI socket (the `unix://` prefix removed).
+    pub runtime_socket: PathBuf,
+    pub log_format: LogFormat,
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: PathBuf::from(DEFAULT_LISTEN),
+            runtime_socket: parse_runtime_endpoint(DEFAULT_RUNTIME_ENDPOINT)
+                .expect("default runtime endpoint is valid"),
+            log_format: LogFormat::default(),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+impl Config {
+    /// Builds the configuration from the command line, reading `--config` if given.
+    pub fn from_cli(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = cli.config.as_deref().map(FileConfig::load).transpose()?;
+        Config::merge(cli, file)
+    }
+
+    /// Combines flags, file and defaults (flags win, then the file) and checks
+    /// the result. Pure: touches neither the filesystem nor the environment.
+    pub fn merge(cli: &Cli, file: Option<FileConfig>) -> Result<Config, ConfigError> {
+        let file = file.unwrap_or_default();
+        let defaults = Config::default();
+        let config = Config {
+            listen: pick(cli.listen.clone(), file.listen, defaults.listen),
+            runtime_socket: pick(
+                cli.runtime_endpoint.clone(),
+                file.runtime_endpoint,
+                defaults.runtime_socket,
+            ),
+            log_format: pick(cli.log_format, file.log_format, defaults.log_format),
+            drain_timeout: pick(
+                cli.drain_timeout,
+                file.drain_timeout,
+                defaults.drain_timeout,
+            ),
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Rules about the combined values, which neither source can check alone.
+    fn check(&self) -> Result<(), ConfigError> {
+        // A relative socket path would depend on the working directory (often
+        // `/` under systemd), which kubelet's endpoint could never match reliably.
+        if !self.listen.is_absolute() {
+            return Err(ConfigError::RelativeListen(self.listen.clone()));
+        }
+        // Serving on the runtime's own socket would make the shim proxy to itself.
+        if self.listen == self.runtime_socket {
+            return Err(ConfigError::ListenIsRuntime(self.listen.clone()));
+        }
+        Ok(())
+    }
+}
+
+fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
+    flag.or(file).unwrap_or(default)
+}
+
+/// Why the configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid runtime endpoint {value:?}: {reason}")]
+    InvalidEndpoint { value: String, reason: String },
+    #[error("invalid duration {value:?}: {reason}")]
+    InvalidDuration { value: String, reason: String },
+    #[error("listen path {} is not absolute", .0.display())]
+    RelativeListen(PathBuf),
+    #[error("listen path {} is the runtime's own socket; the shim would proxy to itself", .0.display())]
+    ListenIsRuntime(PathBuf),
+}
+
+/// Parses a runtime endpoint (`unix:///path` or an absolute path) into the
+/// socket's filesystem path. Only Unix sockets are supported: containerd's CRI
+/// is served on one, and a network hop would need TLS we do not configure.
+pub fn parse_runtime_endpoint(input: &str) -> Result<PathBuf, ConfigError> {
+    let err = |reason: &str| ConfigError::InvalidEndpoint {
+        value: input.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if input.starts_with('/') {
+        return Ok(PathBuf::from(input));
+    }
+    match input.split_once("://") {
+        Some((scheme, path)) if scheme.eq_ignore_ascii_case("unix") => {
+            if path.starts_with('/') {
+                Ok(PathBuf::from(path))
+            } else if path.is_empty() {
+                Err(err("no socket path after unix://"))
+            } else {
+                Err(err(
+                    "the socket path must be absolute, as in unix:///run/containerd/containerd.sock",
+                ))
+            }
+        }
+        Some((scheme, _)) => Err(ConfigError::InvalidEndpoint {
+            value: input.to_owned(),
+            reason: format!(
+                "unsupported scheme {scheme:?}; only unix:///path or an absolute socket path is accepted"
+            ),
+        }),
+        None if input.is_empty() => Err(err("empty")),
+        None => Err(err("expected unix:///path or an absolute socket path")),
+    }
+}
+
+/// Parses a duration such as `10s`, `500ms`, `2m`, `1h` or `1m30s`: whole
+/// numbers, each followed by a unit (`h`, `m`, `s`, `ms`), largest unit first.
+pub fn parse_duration(input: &str) -> Result<Duration, ConfigError> {
+    let err = |reason: String| ConfigError::InvalidDuration {
+        value: input.to_owned(),
+        reason,
+    };
+    const HINT: &str = "use whole numbers with units h, m, s or ms, e.g. 10s, 500ms, 1m30s";
+
+    let mut rest = input.trim();
+    if rest.is_empty() {
+        return Err(err(format!("empty; {HINT}")));
+    }
+    let mut total_ms: u64 = 0;
+    // Each unit may appear once, largest first, so "1m30s" is fine but
+    // "30s1m" or "1s1s" (likely typos) are rejected.
+    let mut previous_rank = u8::MAX;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(err(format!("expected a number at {rest:?}; {HINT}")));
+        }
+        let (number, tail) = rest.split_at(digits);
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        let (rank, unit_ms) = match unit {
+            "h" => (3, 3_600_000),
+            "m" => (2, 60_000),
+            "s" => (1, 1_000),
+            "ms" => (0, 1),
+            "" => return Err(err(format!("missing unit after {number}; {HINT}"))),
+            u if u.starts_with('.') => {
+                return Err(err(
+                    "fractions are not supported; write e.g. 1s500ms instead of 1.5s".to_owned(),
+                ))
+            }
+            u => return Err(err(format!("unknown unit {u:?}; {HINT}"))),
+        };
+        if rank >= previous_rank {
+            return Err(err(format!(
+                "units must each appear once, largest first; {HINT}"
+            )));
+        }
+        previous_rank = rank;
+        let part = number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(unit_ms))
+            .ok_or_else(|| err("too large".to_owned()))?;
+        total_ms = total_ms
+            .checked_add(part)
+            .ok_or_else(|| err("too large".to_owned()))?;
+        rest = next;
+    }
+    Ok(Duration::from_millis(total_ms))
+}
+
+fn de_runtime_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_runtime_endpoint(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn cli(args: &[&str]) -> Cli {
+        let argv = std::iter::once("sidecar-shim").chain(args.iter().copied());
+        Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("parse {args:?}: {e}"))
+    }
+
+    fn file(text: &str) -> FileConfig {
+        FileConfig::parse(text, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("parse {text:?}: {e}"))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_documents_defaults_and_rust_log() {
+        let help = Cli::command().render_long_help().to_string();
+        for needle in [
+            DEFAULT_LISTEN,
+            DEFAULT_RUNTIME_ENDPOINT,
+            "[default: 10s]",
+            "[default: text]",
+            "RUST_LOG",
+            &format!("the filter is \"{}\"", crate::logging::DEFAULT_FILTER),
+        ] {
+            assert!(help.contains(needle), "help lacks {needle:?}:\n{help}");
+        }
+        assert_eq!(DEFAULT_DRAIN_TIMEOUT, parse_duration("10s").unwrap());
+    }
+
+    #[test]
+    fn merge_precedence() {
+        let full_file = "listen = \"/file/shim.sock\"\n\
+                         runtime_endpoint = \"unix:///file/containerd.sock\"\n\
+                         log_format = \"json\"\n\
+                         drain_timeout = \"1m30s\"\n";
+        let d = Config::default();
+        // (name, flags, file, expected)
+        let cases: Vec<(&str, Vec<&str>, Option<&str>, Config)> = vec![
+            (
+                "defaults",
+                vec![],
+                None,
+                Config {
+                    listen: "/run/sidecar-shim/sidecar-shim.sock".into(),
+                    runtime_socket: "/run/containerd/containerd.sock".into(),
+                    log_format: LogFormat::Text,
+                    drain_timeout: Duration::from_secs(10),
+                },
+            ),
+            ("empty file", vec![], Some(""), d.clone()),
+            (
+                "file only",
+                vec![],
+                Some(full_file),
+                Config {
+                    listen: "/file/shim.sock".into(),
+                    runtime_socket: "/file/containerd.sock".into(),
+                    log_format: LogFormat::Json,
+                    drain_timeout: Duration::from_secs(90),
+                },
+            ),
+            (
+                "partial file keeps other defaults",
+                vec![],
+                Some("drain_timeout = \"500ms\""),
+                Config {
+                    drain_timeout: Duration::from_millis(500),
+                    ..d.clone()
+                },
+            ),
+            (
+                "flags only",
+                vec![
+                    "--listen",
+                    "/flag/shim.sock",
+                    "--runtime-endpoint",
+                    "/flag/containerd.sock",
+                    "--log-format",
+                    "json",
+                    "--drain-timeout",
+                    "2m",
+                ],
+                None,
+                Config {
+                    listen: "/flag/shim.sock".into(),
+                    runtime_socket: "/flag/containerd.sock".into(),
+                    log_format: LogFormat::Json,
+                    drain_timeout: Duration::from_secs(120),
+                },
+            ),
+            (
+                "flags override file",
+                vec![
+                    "--listen=/flag/shim.sock",
+                    "--runtime-endpoint=unix:///flag/containerd.sock",
+                    "--log-format=text",
+                    "--drain-timeout=0s",
+                ],
+                Some(full_file),
+                Config {
+                    listen: "/flag/shim.sock".into(),
+                    runtime_socket: "/flag/containerd.sock".into(),
+                    log_format: LogFormat::Text,
+                    drain_timeout: Duration::ZERO,
+                },
+            ),
+            (
+                "one flag overrides one file key",
+                vec!["--drain-timeout", "3s"],
+                Some(full_file),
+                Config {
+                    listen: "/file/shim.sock".into(),
+                    runtime_socket: "/file/containerd.sock".into(),
+                    log_format: LogFormat::Json,
+                    drain_timeout: Duration::from_secs(3),
+                },
+            ),
+        ];
+        for (name, flags, text, expected) in cases {
+            let got = Config::merge(&cli(&flags), text.map(file));
+            match got {
+                Ok(got) => assert_eq!(got, expected, "case {name}"),
+                Err(e) => panic!("case {name}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn merge_rejects_bad_combinations() {
+        let cases = [
+            (
+                "relative listen",
+                vec!["--listen", "shim.sock"],
+                "not absolute",
+            ),
+            (
+                "listen on runtime socket",
+                vec![
+                    "--listen",
+                    "/x.sock",
+                    "--runtime-endpoint",
+                    "unix:///x.sock",
+                ],
+                "proxy to itself",
+            ),
+        ];
+        for (name, flags, want) in cases {
+            let err = Config::merge(&cli(&flags), None).expect_err(name);
+            assert!(err.to_string().contains(want), "case {name}: {err}");
+        }
+    }
+
+    #[test]
+    fn runtime_endpoints() {
+        let ok = [
+            (
+                "unix:///run/containerd/containerd.sock",
+                "/run/containerd/containerd.sock",
+            ),
+            ("UNIX:///a.sock", "/a.sock"),
+            (
+                "/run/k3s/containerd/containerd.sock",
+                "/run/k3s/containerd/containerd.sock",
+            ),
+        ];
+        for (input, path) in ok {
+            assert_eq!(
+                parse_runtime_endpoint(input).unwrap(),
+                PathBuf::from(path),
+                "{input}"
+            );
+        }
+        let bad = [
+            ("tcp://127.0.0.1:1234", "unsupported scheme \"tcp\""),
+            (
+                "npipe:////./pipe/containerd",
+                "unsupported scheme \"npipe\"",
+            ),
+            ("unix://run/containerd.sock", "must be absolute"),
+            ("unix://", "no socket path"),
+            ("containerd.sock", "expected unix:///path"),
+            ("", "empty"),
+        ];
+        for (input, want) in bad {
+            let msg = parse_runtime_endpoint(input).unwrap_err().to_string();
+            assert!(msg.contains(want), "{input:?}: {msg}");
+            assert!(
+                msg.contains(&format!("{input:?}")),
+                "names the value: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations() {
+        let ok = [
+            ("10s", Duration::from_secs(10)),
+            ("500ms", Duration::from_millis(500)),
+            ("2m", Duration::from_secs(120)),
+            ("1m30s", Duration::from_secs(90)),
+            ("1h2m3s4ms", Duration::from_millis(3_723_004)),
+            ("0s", Duration::ZERO),
+            (" 5s ", Duration::from_secs(5)),
+        ];
+        for (input, want) in ok {
+            assert_eq!(parse_duration(input).unwrap(), want, "{input:?}");
+        }
+        let bad = [
+            ("", "empty"),
+            ("10", "missing unit"),
+            ("10x", "unknown unit \"x\""),
+            ("1.5s", "fractions"),
+            ("-1s", "expected a number"),
+            ("s", "expected a number"),
+            ("30s1m", "largest first"),
+            ("1s1s", "largest first"),
+            ("99999999999999999999s", "too large"),
+            ("18446744073709551615h", "too large"),
+        ];
+        for (input, want) in bad {
+            let msg = parse_duration(input).unwrap_err().to_string();
+            assert!(msg.contains(want), "{input:?}: {msg}");
+        }
+    }
+
+    /// Bad values on the command line are clap errors naming the flag.
+    #[test]
+    fn bad_flags() {
+        let cases = [
+            (
+                vec!["--runtime-endpoint", "tcp://10.0.0.1:1"],
+                "unsupported scheme",
+            ),
+            (vec!["--drain-timeout", "10"], "missing unit"),
+            (vec!["--drain-timeout", "soon"], "expected a number"),
+            (vec!["--log-format", "xml"], "possible values: text, json"),
+            (vec!["--no-such-flag"], "unexpected argument"),
+        ];
+        for (args, want) in cases {
+            let argv = std::iter::once("sidecar-shim").chain(args.iter().copied());
+            let msg = Cli::try_parse_from(argv).unwrap_err().to_string();
+            assert!(msg.contains(want), "{args:?}: {msg}");
+            assert!(msg.contains(args[0]), "{args:?} names the flag: {msg}");
+        }
+    }
+
+    /// Bad file contents are errors naming the file and the offending key.
+    #[test]
+    fn bad_files() {
+        let cases = [
+            (
+                "unknown key",
+                "listen = \"/a.sock\"\nstate_dirr = \"/x\"\n",
+                "unknown field `state_dirr`",
+            ),
+            (
+                "bad endpoint scheme",
+                "runtime_endpoint = \"tcp://h:1\"\n",
+                "unsupported scheme \"tcp\"",
+            ),
+            (
+                "bad duration",
+                "drain_timeout = \"ten seconds\"\n",
+                "expected a number",
+            ),
+            (
+                "duration not a string",
+                "drain_timeout = 10\n",
+                "expected a string",
+            ),
+            (
+                "bad log format",
+                "log_format = \"xml\"\n",
+                "unknown variant `xml`",
+            ),
+            ("not toml", "listen = \n", "TOML parse error"),
+        ];
+        for (name, text, want) in cases {
+            let err = FileConfig::parse(text, Path::new("etc/shim.toml")).expect_err(name);
+            assert!(
+                matches!(err, ConfigError::Parse { .. }),
+                "case {name}: {err:?}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains("etc/shim.toml"),
+                "case {name} names the file: {msg}"
+            );
+            assert!(msg.contains(want), "case {name}: {msg}");
+        }
+    }
+
+    #[test]
+    fn from_cli_reads_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shim.toml");
+        std::fs::write(&path, "log_format = \"json\"\n").unwrap();
+        let cli = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        let config = Config::from_cli(&cli).unwrap();
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn from_cli_missing_file_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.toml");
+        let cli = Cli {
+            config: Some(path.clone()),
+            ..Cli::default()
+        };
+        let err = Config::from_cli(&cli).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+}

@@ -1,1 +1,95 @@
-fn main() {}
+//! The `sidecar-shim` binary: wires configuration, logging, the listening
+//! socket and signals to the proxy. Everything testable lives in the library.
+//!
+//! Exit codes: 0 after a clean shutdown, 1 when startup or serving fails,
+//! 2 for a bad command line or config file.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use sidecar_shim::config::{Cli, Config};
+use sidecar_shim::{listener, logging, proxy, signal};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_cli(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            // Logging is not set up yet: its format is part of the config.
+            eprintln!("sidecar-shim: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(config.log_format);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config_file = cli.config.as_ref().map(|p| p.display().to_string()),
+        listen = %config.listen.display(),
+        runtime_socket = %config.runtime_socket.display(),
+        log_format = %config.log_format,
+        drain_timeout = ?config.drain_timeout,
+        "starting with effective configuration"
+    );
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sidecar-shim")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(config));
+    // Anything still running was given its drain time inside `serve`; do
+    // not let a stuck task hold up the exit.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    // Binding needs the runtime (tokio registers the listener with it).
+    // Its errors already name the path and, for a live socket, say that
+    // another process is serving it.
+    let socket = listener::bind(&config.listen)?;
+    tracing::info!(path = %socket.path().display(), "listening for CRI requests");
+    let (listener, guard) = socket.split();
+
+    let served = proxy::serve(
+        listener,
+        config.runtime_socket.clone(),
+        signal::shutdown(),
+        config.drain_timeout,
+    )
+    .await
+    .context("CRI proxy failed");
+
+    // Remove the socket whether or not serving failed, so kubelet sees
+    // "no such file" rather than a dead socket while we are down.
+    match guard.remove() {
+        Ok(true) => tracing::debug!(path = %config.listen.display(), "removed socket"),
+        Ok(false) => tracing::info!(
+            path = %config.listen.display(),
+            "socket was replaced by another process; left it in place"
+        ),
+        Err(e) => tracing::warn!(
+            path = %config.listen.display(),
+            error = %e,
+            "cannot remove socket"
+        ),
+    }
+    served
+}
