@@ -67,6 +67,9 @@ struct State {
     client_initial_window: i64,
     /// Highest stream id the client opened.
     last_stream: u32,
+    /// The runtime lowered SETTINGS_HEADER_TABLE_SIZE below the default: the
+    /// encoder toward it stops using a dynamic table.
+    runtime_table_shrunk: bool,
     /// Set once the proxy sent GOAWAY (draining): later streams are refused.
     goaway: Option<u32>,
     draining: bool,
@@ -202,6 +205,7 @@ pub(super) async fn relay(
 struct ClientToRuntime {
     shared: Arc<Shared>,
     decoder: hpack::Decoder,
+    encoder: hpack::Encoder,
     /// A header block being assembled from HEADERS and CONTINUATION frames.
     block: Option<PendingBlock>,
     out: BytesMut,
@@ -218,7 +222,13 @@ struct ConnError(u32, &'static str);
 
 impl ClientToRuntime {
     fn new(shared: Arc<Shared>) -> Self {
-        ClientToRuntime { shared, decoder: hpack::Decoder::default(), block: None, out: BytesMut::new() }
+        ClientToRuntime {
+            shared,
+            decoder: hpack::Decoder::default(),
+            encoder: hpack::Encoder::default(),
+            block: None,
+            out: BytesMut::new(),
+        }
     }
 
     async fn run(
@@ -278,7 +288,12 @@ impl ClientToRuntime {
                 block.fragment.extend_from_slice(payload);
                 if head.has(flag::END_HEADERS) {
                     let block = self.block.take().expect("block in progress");
-                    woke |= self.header_block(&mut st, block.stream, block.end_stream, &block.fragment)?;
+                    woke |= self.header_block(
+                        &mut st,
+                        block.stream,
+                        block.end_stream,
+                        &block.fragment,
+                    )?;
                 }
                 continue;
             }
@@ -386,7 +401,10 @@ impl ClientToRuntime {
             .map_err(|_| ConnError(reason::COMPRESSION_ERROR, "malformed header block"))?;
         if stream > st.last_stream {
             if stream % 2 == 0 {
-                return Err(ConnError(reason::PROTOCOL_ERROR, "even stream id from client"));
+                return Err(ConnError(
+                    reason::PROTOCOL_ERROR,
+                    "even stream id from client",
+                ));
             }
             st.last_stream = stream;
             let method = hpack::get(&headers, b":path").unwrap_or_default();
@@ -394,19 +412,29 @@ impl ClientToRuntime {
             if st.goaway.is_some_and(|last| stream > last) {
                 frame::put_rst_stream(&mut st.control, stream, reason::REFUSED_STREAM);
                 if !end_stream {
-                    st.local.insert(stream, Local::new(method, headers, 0, Phase::Refused));
+                    st.local
+                        .insert(stream, Local::new(method, headers, 0, Phase::Refused));
                 }
                 return Ok(true);
             }
             if self.shared.interceptor.intercepts(&method) {
                 let window = st.client_initial_window;
-                st.local.insert(stream, Local::new(method, headers, window, Phase::Receiving));
+                st.local.insert(
+                    stream,
+                    Local::new(method, headers, window, Phase::Receiving),
+                );
                 if end_stream {
                     self.dispatch(st, stream);
                 }
                 return Ok(true);
             }
-            st.calls.insert(stream, Forwarded { method, started: Instant::now() });
+            st.calls.insert(
+                stream,
+                Forwarded {
+                    method,
+                    started: Instant::now(),
+                },
+            );
         } else if let Some(local) = st.local.get_mut(&stream) {
             // Trailers on a local stream end its request.
             if end_stream && matches!(local.phase, Phase::Receiving) {
@@ -415,8 +443,15 @@ impl ClientToRuntime {
             return Ok(true);
         }
         let mut encoded = BytesMut::with_capacity(block.len() * 2 + 64);
-        hpack::encode(&mut encoded, headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
-        frame::put_headers(&mut self.out, stream, &encoded, end_stream, frame::DEFAULT_MAX_FRAME);
+        self.encoder
+            .encode(st.runtime_table_shrunk, &mut encoded, &headers);
+        frame::put_headers(
+            &mut self.out,
+            stream,
+            &encoded,
+            end_stream,
+            frame::DEFAULT_MAX_FRAME,
+        );
         Ok(false)
     }
 
@@ -433,16 +468,19 @@ impl ClientToRuntime {
         match local.phase {
             Phase::Receiving => {
                 let data = match frame::headers_fragment(
-                    &Head { flags: head.flags & flag::PADDED, ..*head },
+                    &Head {
+                        flags: head.flags & flag::PADDED,
+                        ..*head
+                    },
                     payload,
                 ) {
                     Some(r) => &payload[r],
                     None => payload,
                 };
                 if local.body.len() + data.len() > MAX_LOCAL_REQUEST {
-                    local.phase = Phase::Answering(Answer::new(Err(tonic::Status::resource_exhausted(
-                        "sidecar-shim: request too large",
-                    ))));
+                    local.phase = Phase::Answering(Answer::new(Err(
+                        tonic::Status::resource_exhausted("sidecar-shim: request too large"),
+                    )));
                     return true;
                 }
                 local.body.extend_from_slice(data);
@@ -486,7 +524,14 @@ impl ClientToRuntime {
 
 impl Local {
     fn new(method: Box<str>, headers: hpack::HeaderList, window: i64, phase: Phase) -> Local {
-        Local { method, started: Instant::now(), headers, body: BytesMut::new(), window, phase }
+        Local {
+            method,
+            started: Instant::now(),
+            headers,
+            body: BytesMut::new(),
+            window,
+            phase,
+        }
     }
 }
 
@@ -584,6 +629,15 @@ impl RuntimeToClient {
                 kind::DATA | kind::HEADERS => head.has(flag::END_STREAM),
                 kind::RST_STREAM => true,
                 kind::SETTINGS => {
+                    if !head.has(flag::ACK) {
+                        let payload = &buf[at + frame::HEADER_LEN..end];
+                        if frame::settings(payload).any(|(id, v)| {
+                            id == frame::setting::HEADER_TABLE_SIZE
+                                && (v as usize) < hpack::DEFAULT_TABLE
+                        }) {
+                            st.runtime_table_shrunk = true;
+                        }
+                    }
                     self.preface_done = true;
                     false
                 }
@@ -591,7 +645,15 @@ impl RuntimeToClient {
             };
             if ends_stream {
                 if let Some(call) = st.calls.remove(&head.stream) {
-                    log_end(head.stream, &call, if head.kind == kind::RST_STREAM { "reset" } else { "done" });
+                    log_end(
+                        head.stream,
+                        &call,
+                        if head.kind == kind::RST_STREAM {
+                            "reset"
+                        } else {
+                            "done"
+                        },
+                    );
                 }
             }
             let fits = head.kind != kind::DATA || head.len as i64 <= st.client_window;
@@ -599,8 +661,10 @@ impl RuntimeToClient {
                 if head.kind == kind::DATA {
                     st.client_window -= head.len as i64;
                 }
-                self.in_block = matches!(head.kind, kind::HEADERS | kind::PUSH_PROMISE | kind::CONTINUATION)
-                    && !head.has(flag::END_HEADERS);
+                self.in_block = matches!(
+                    head.kind,
+                    kind::HEADERS | kind::PUSH_PROMISE | kind::CONTINUATION
+                ) && !head.has(flag::END_HEADERS);
                 forward = end;
             } else {
                 self.held.extend_from_slice(&buf[at..end]);
@@ -619,7 +683,10 @@ impl RuntimeToClient {
             // Only complete frames have been written so far; the GOAWAY
             // follows them.
             frame::put_goaway(&mut self.out, st.last_stream, code, why.as_bytes());
-            warn!(reason = why, "closing client connection after a protocol error");
+            warn!(
+                reason = why,
+                "closing client connection after a protocol error"
+            );
             return true;
         }
         if !self.preface_done || self.in_block {
@@ -643,7 +710,12 @@ impl RuntimeToClient {
         }
         if st.draining && st.goaway.is_none() {
             st.goaway = Some(st.last_stream);
-            frame::put_goaway(&mut self.out, st.last_stream, reason::NO_ERROR, b"sidecar-shim shutting down");
+            frame::put_goaway(
+                &mut self.out,
+                st.last_stream,
+                reason::NO_ERROR,
+                b"sidecar-shim shutting down",
+            );
         }
         self.inject(&mut st);
         st.goaway.is_some() && st.calls.is_empty() && st.local.is_empty()
@@ -651,11 +723,24 @@ impl RuntimeToClient {
 
     /// Write answers of local calls as far as the client's windows allow.
     fn inject(&mut self, st: &mut State) {
-        let State { local, client_window, debt, .. } = st;
+        let State {
+            local,
+            client_window,
+            debt,
+            ..
+        } = st;
         local.retain(|&stream, l| {
-            let Phase::Answering(answer) = &mut l.phase else { return true };
+            let Phase::Answering(answer) = &mut l.phase else {
+                return true;
+            };
             if let Some(head) = answer.head.take() {
-                frame::put_headers(&mut self.out, stream, &head, false, frame::DEFAULT_MAX_FRAME);
+                frame::put_headers(
+                    &mut self.out,
+                    stream,
+                    &head,
+                    false,
+                    frame::DEFAULT_MAX_FRAME,
+                );
             }
             while !answer.data.is_empty() {
                 let n = (answer.data.len() as i64)
@@ -666,12 +751,24 @@ impl RuntimeToClient {
                     return true;
                 }
                 let chunk = answer.data.split_to(n as usize);
-                frame::put_data(&mut self.out, stream, &chunk, false, frame::DEFAULT_MAX_FRAME);
+                frame::put_data(
+                    &mut self.out,
+                    stream,
+                    &chunk,
+                    false,
+                    frame::DEFAULT_MAX_FRAME,
+                );
                 *client_window -= n;
                 l.window -= n;
                 *debt += n;
             }
-            frame::put_headers(&mut self.out, stream, &answer.trailers, true, frame::DEFAULT_MAX_FRAME);
+            frame::put_headers(
+                &mut self.out,
+                stream,
+                &answer.trailers,
+                true,
+                frame::DEFAULT_MAX_FRAME,
+            );
             debug!(
                 rpc.method = &*l.method,
                 stream,
@@ -705,7 +802,10 @@ fn last_block_state(frames: &[u8]) -> Option<bool> {
     let mut at = 0;
     let mut open = None;
     while let Some(head) = Head::parse(&frames[at..]) {
-        if matches!(head.kind, kind::HEADERS | kind::PUSH_PROMISE | kind::CONTINUATION) {
+        if matches!(
+            head.kind,
+            kind::HEADERS | kind::PUSH_PROMISE | kind::CONTINUATION
+        ) {
             open = Some(!head.has(flag::END_HEADERS));
         } else {
             open = Some(false);

@@ -42,7 +42,9 @@ pub(super) async fn serve(
             match head.kind {
                 kind::SETTINGS if !head.has(flag::ACK) => frame::put_settings_ack(&mut out),
                 kind::PING if !head.has(flag::ACK) => frame::put_ping_ack(&mut out, payload),
-                kind::DATA if head.len > 0 => frame::put_window_update(&mut out, 0, head.len as u32),
+                kind::DATA if head.len > 0 => {
+                    frame::put_window_update(&mut out, 0, head.len as u32)
+                }
                 kind::GOAWAY => close = true,
                 kind::HEADERS if head.stream > last_stream && head.stream % 2 == 1 => {
                     // Header blocks are not decoded: every call gets the same
@@ -113,4 +115,3 @@ pub(super) async fn serve(
         }
     }
 }
-

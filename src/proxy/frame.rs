@@ -108,7 +108,13 @@ pub fn put_head(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32
 
 /// Append a header block as HEADERS plus CONTINUATION frames of at most
 /// `max_frame` bytes each.
-pub fn put_headers(out: &mut BytesMut, stream: u32, block: &[u8], end_stream: bool, max_frame: usize) {
+pub fn put_headers(
+    out: &mut BytesMut,
+    stream: u32,
+    block: &[u8],
+    end_stream: bool,
+    max_frame: usize,
+) {
     let mut chunks = block.chunks(max_frame.max(1)).peekable();
     let mut first = true;
     if block.is_empty() {
@@ -136,13 +142,23 @@ pub fn put_headers(out: &mut BytesMut, stream: u32, block: &[u8], end_stream: bo
 /// Append DATA frames carrying `data`, split at `max_frame`.
 pub fn put_data(out: &mut BytesMut, stream: u32, data: &[u8], end_stream: bool, max_frame: usize) {
     if data.is_empty() {
-        put_head(out, 0, kind::DATA, if end_stream { flag::END_STREAM } else { 0 }, stream);
+        put_head(
+            out,
+            0,
+            kind::DATA,
+            if end_stream { flag::END_STREAM } else { 0 },
+            stream,
+        );
         return;
     }
     let mut chunks = data.chunks(max_frame.max(1)).peekable();
     while let Some(chunk) = chunks.next() {
         let last = chunks.peek().is_none();
-        let flags = if last && end_stream { flag::END_STREAM } else { 0 };
+        let flags = if last && end_stream {
+            flag::END_STREAM
+        } else {
+            0
+        };
         put_head(out, chunk.len(), kind::DATA, flags, stream);
         out.extend_from_slice(chunk);
     }
@@ -225,7 +241,12 @@ mod tests {
         let h = Head::parse(&b).unwrap();
         assert_eq!(
             h,
-            Head { len: 70_000, kind: kind::DATA, flags: flag::END_STREAM, stream: 5 }
+            Head {
+                len: 70_000,
+                kind: kind::DATA,
+                flags: flag::END_STREAM,
+                stream: 5
+            }
         );
         assert!(Head::parse(&b[..8]).is_none());
     }
@@ -256,7 +277,12 @@ mod tests {
 
     #[test]
     fn fragment_strips_padding_and_priority() {
-        let h = Head { len: 0, kind: kind::HEADERS, flags: flag::PADDED | flag::PRIORITY, stream: 1 };
+        let h = Head {
+            len: 0,
+            kind: kind::HEADERS,
+            flags: flag::PADDED | flag::PRIORITY,
+            stream: 1,
+        };
         // pad length 2, 5 bytes priority, 3 bytes block, 2 bytes padding
         let payload = [2, 0, 0, 0, 0, 0, 1, 2, 3, 0, 0];
         assert_eq!(headers_fragment(&h, &payload), Some(6..9));

@@ -9,7 +9,9 @@ use super::hpack;
 /// Split a complete unary request body into its single message.
 pub fn unary_message(body: &[u8]) -> Result<Bytes, tonic::Status> {
     if body.len() < 5 {
-        return Err(tonic::Status::internal("sidecar-shim: request carries no gRPC message"));
+        return Err(tonic::Status::internal(
+            "sidecar-shim: request carries no gRPC message",
+        ));
     }
     if body[0] != 0 {
         return Err(tonic::Status::unimplemented(
@@ -39,7 +41,10 @@ pub fn response_headers() -> BytesMut {
     let mut out = BytesMut::new();
     hpack::encode(
         &mut out,
-        [(&b":status"[..], &b"200"[..]), (b"content-type", b"application/grpc")],
+        [
+            (&b":status"[..], &b"200"[..]),
+            (b"content-type", b"application/grpc"),
+        ],
     );
     out
 }
@@ -47,7 +52,11 @@ pub fn response_headers() -> BytesMut {
 /// Trailers carrying a status; with `trailers_only` the block also carries
 /// the response headers (a "Trailers-Only" response).
 pub fn status_block(status: &tonic::Status, trailers_only: bool) -> BytesMut {
-    let mut out = if trailers_only { response_headers() } else { BytesMut::new() };
+    let mut out = if trailers_only {
+        response_headers()
+    } else {
+        BytesMut::new()
+    };
     let code = (status.code() as i32).to_string();
     let message = percent_encode(status.message());
     let mut fields: Vec<(&[u8], &[u8])> = vec![(b"grpc-status", code.as_bytes())];
@@ -97,11 +106,17 @@ mod tests {
     #[test]
     fn message_framing_roundtrips() {
         let framed = frame_message(b"hello");
-        assert_eq!(unary_message(&framed).unwrap(), Bytes::from_static(b"hello"));
+        assert_eq!(
+            unary_message(&framed).unwrap(),
+            Bytes::from_static(b"hello")
+        );
         assert!(unary_message(&framed[..6]).is_err());
         let mut compressed = framed.to_vec();
         compressed[0] = 1;
-        assert_eq!(unary_message(&compressed).unwrap_err().code(), tonic::Code::Unimplemented);
+        assert_eq!(
+            unary_message(&compressed).unwrap_err().code(),
+            tonic::Code::Unimplemented
+        );
     }
 
     #[test]
@@ -111,13 +126,22 @@ mod tests {
         let list = hpack::Decoder::default().decode(&block).unwrap();
         assert_eq!(hpack::get(&list, b":status"), Some(&b"200"[..]));
         assert_eq!(hpack::get(&list, b"grpc-status"), Some(&b"14"[..]));
-        assert_eq!(hpack::get(&list, b"grpc-message"), Some(&b"runtime down: 100%25 gone%0A"[..]));
+        assert_eq!(
+            hpack::get(&list, b"grpc-message"),
+            Some(&b"runtime down: 100%25 gone%0A"[..])
+        );
     }
 
     #[test]
     fn timeouts() {
-        assert_eq!(parse_timeout(b"119999m"), Some(std::time::Duration::from_millis(119_999)));
-        assert_eq!(parse_timeout(b"2S"), Some(std::time::Duration::from_secs(2)));
+        assert_eq!(
+            parse_timeout(b"119999m"),
+            Some(std::time::Duration::from_millis(119_999))
+        );
+        assert_eq!(
+            parse_timeout(b"2S"),
+            Some(std::time::Duration::from_secs(2))
+        );
         assert_eq!(parse_timeout(b"m"), None);
         assert_eq!(parse_timeout(b"123456789S"), None);
         assert_eq!(parse_timeout(b"12x"), None);

@@ -9,28 +9,50 @@
 //! whose table the runtime's encoder owns, is never disturbed by a block the
 //! proxy injects.
 
+use std::collections::VecDeque;
+
 use bytes::BytesMut;
 
 /// An owned header list in wire order.
 pub type HeaderList = Vec<(Vec<u8>, Vec<u8>)>;
 
-#[derive(Debug, thiserror::Error)]
-#[error("malformed header block: {0:?}")]
-pub struct DecodeError(loona_hpack::decoder::DecoderError);
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("header block ends inside a field")]
+    Truncated,
+    #[error("integer overflows")]
+    Overflow,
+    #[error("table index {0} does not exist")]
+    BadIndex(usize),
+    #[error("invalid Huffman string")]
+    Huffman,
+    #[error("table size update to {0} exceeds the allowed maximum")]
+    TableTooLarge(usize),
+    #[error("table size update after the first field")]
+    LateSizeUpdate,
+}
 
-/// Decodes one direction of a connection's header blocks.
+/// The most table memory a client may make the decoder keep. The encoder may
+/// only grow its table to the receiver's SETTINGS_HEADER_TABLE_SIZE (the
+/// runtime's is 4096 by default); allow generous headroom rather than
+/// tracking that setting exactly.
+const MAX_DECODER_TABLE: usize = 1 << 16;
+
+/// Decodes one direction of a connection's header blocks (RFC 7541).
 pub struct Decoder {
-    inner: loona_hpack::Decoder<'static>,
+    /// Newest first, as HPACK indexes it.
+    table: VecDeque<(Vec<u8>, Vec<u8>)>,
+    size: usize,
+    max: usize,
 }
 
 impl Default for Decoder {
     fn default() -> Self {
-        let mut inner = loona_hpack::Decoder::new();
-        // The encoder may only grow its table to the receiver's
-        // SETTINGS_HEADER_TABLE_SIZE; the runtime's is 4096 by default. Allow
-        // generous headroom rather than tracking the setting exactly.
-        inner.set_max_allowed_table_size(1 << 16);
-        Decoder { inner }
+        Decoder {
+            table: VecDeque::new(),
+            size: 0,
+            max: DEFAULT_TABLE,
+        }
     }
 }
 
@@ -38,16 +60,312 @@ impl Decoder {
     /// Decode a complete header block (HEADERS plus CONTINUATION fragments).
     pub fn decode(&mut self, block: &[u8]) -> Result<HeaderList, DecodeError> {
         let mut list = Vec::with_capacity(10);
-        self.inner
-            .decode_with_cb(block, |n, v| list.push((n.into_owned(), v.into_owned())))
-            .map_err(DecodeError)?;
+        let mut at = 0;
+        while at < block.len() {
+            let b = block[at];
+            if b & 0x80 != 0 {
+                // Indexed field (§6.1).
+                let (index, n) = integer(&block[at..], 7)?;
+                at += n;
+                list.push(self.entry(index)?);
+            } else if b & 0xe0 == 0x20 {
+                // Dynamic table size update (§6.3): only before the first field.
+                if !list.is_empty() {
+                    return Err(DecodeError::LateSizeUpdate);
+                }
+                let (size, n) = integer(&block[at..], 5)?;
+                at += n;
+                if size > MAX_DECODER_TABLE {
+                    return Err(DecodeError::TableTooLarge(size));
+                }
+                self.max = size;
+                self.evict(0);
+            } else {
+                // Literal with incremental indexing (§6.2.1), without
+                // indexing (§6.2.2) or never indexed (§6.2.3).
+                let (indexing, prefix) = if b & 0x40 != 0 { (true, 6) } else { (false, 4) };
+                let (index, n) = integer(&block[at..], prefix)?;
+                at += n;
+                let name = if index == 0 {
+                    let (name, n) = string(&block[at..])?;
+                    at += n;
+                    name
+                } else {
+                    self.entry(index)?.0
+                };
+                let (value, n) = string(&block[at..])?;
+                at += n;
+                if indexing {
+                    self.insert(name.clone(), value.clone());
+                }
+                list.push((name, value));
+            }
+        }
         Ok(list)
+    }
+
+    fn entry(&self, index: usize) -> Result<(Vec<u8>, Vec<u8>), DecodeError> {
+        match index {
+            0 => Err(DecodeError::BadIndex(0)),
+            1..=61 => Ok((
+                STATIC_NAMES[index - 1].to_vec(),
+                static_value(index).to_vec(),
+            )),
+            _ => self
+                .table
+                .get(index - 62)
+                .cloned()
+                .ok_or(DecodeError::BadIndex(index)),
+        }
+    }
+
+    fn insert(&mut self, name: Vec<u8>, value: Vec<u8>) {
+        let entry = name.len() + value.len() + 32;
+        self.evict(entry);
+        // An entry larger than the whole table empties it and is not added.
+        if entry <= self.max {
+            self.table.push_front((name, value));
+            self.size += entry;
+        }
+    }
+
+    /// Evict until `room` more bytes fit.
+    fn evict(&mut self, room: usize) {
+        while self.size + room > self.max {
+            match self.table.pop_back() {
+                Some((n, v)) => self.size -= n.len() + v.len() + 32,
+                None => break,
+            }
+        }
+    }
+}
+
+/// RFC 7541 §5.1 integer with an N-bit prefix: (value, bytes used).
+fn integer(buf: &[u8], prefix_bits: u8) -> Result<(usize, usize), DecodeError> {
+    let max = (1usize << prefix_bits) - 1;
+    let first = usize::from(*buf.first().ok_or(DecodeError::Truncated)?) & max;
+    if first < max {
+        return Ok((first, 1));
+    }
+    let mut value = max;
+    let mut shift = 0;
+    for (i, b) in buf.iter().enumerate().skip(1) {
+        if shift > 28 {
+            return Err(DecodeError::Overflow);
+        }
+        value += usize::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            return Ok((value, i + 1));
+        }
+    }
+    Err(DecodeError::Truncated)
+}
+
+/// RFC 7541 §5.2 string literal: (octets, bytes used).
+fn string(buf: &[u8]) -> Result<(Vec<u8>, usize), DecodeError> {
+    let huffman = buf.first().ok_or(DecodeError::Truncated)? & 0x80 != 0;
+    let (len, n) = integer(buf, 7)?;
+    let raw = buf.get(n..n + len).ok_or(DecodeError::Truncated)?;
+    let value = if huffman {
+        let mut out = Vec::with_capacity(len * 8 / 5 + 1);
+        httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FourBits)
+            .map_err(|_| DecodeError::Huffman)?;
+        out
+    } else {
+        raw.to_vec()
+    };
+    Ok((value, n + len))
+}
+
+/// The dynamic table size every HTTP/2 peer starts with (SETTINGS_HEADER_TABLE_SIZE).
+pub const DEFAULT_TABLE: usize = 4096;
+
+/// Encodes one direction of a connection's header blocks toward a peer
+/// whose table size is the default. Repeated fields (the method path,
+/// content type, user agent of a CRI client's calls) become one-byte table
+/// references, which spares the runtime's decoder literal strings on every
+/// call. The proxy is the only encoder toward that peer on its connection, so
+/// the table here mirrors the peer's decoder exactly.
+#[derive(Default)]
+pub struct Encoder {
+    /// Newest first, as HPACK indexes it.
+    table: VecDeque<(Vec<u8>, Vec<u8>)>,
+    size: usize,
+    /// The peer shrank its table: from now on only literals, after telling it
+    /// that the table is gone.
+    literal_only: bool,
+}
+
+/// Fields whose value changes on every call are never worth a table entry.
+fn never_index(name: &[u8]) -> bool {
+    name == b"grpc-timeout" || name.ends_with(b"-bin")
+}
+
+impl Encoder {
+    /// Encode `headers` as one header block. `peer_shrank` says that the peer
+    /// lowered its SETTINGS_HEADER_TABLE_SIZE below [`DEFAULT_TABLE`].
+    pub fn encode(&mut self, peer_shrank: bool, out: &mut BytesMut, headers: &HeaderList) {
+        if peer_shrank && !self.literal_only {
+            self.literal_only = true;
+            self.table.clear();
+            self.size = 0;
+            // Dynamic table size update to 0 (RFC 7541 §6.3), which must open
+            // the first block after the peer's change.
+            out.extend_from_slice(&[0x20]);
+        }
+        for (name, value) in headers {
+            self.field(out, name, value);
+        }
+    }
+
+    fn field(&mut self, out: &mut BytesMut, name: &[u8], value: &[u8]) {
+        if let Some(i) = static_full(name, value) {
+            put_integer(out, i, 7, 0x80);
+            return;
+        }
+        if !self.literal_only {
+            if let Some(pos) = self.table.iter().position(|(n, v)| v == value && n == name) {
+                put_integer(out, STATIC_NAMES.len() + 1 + pos, 7, 0x80);
+                return;
+            }
+        }
+        let name_index = STATIC_NAMES.iter().position(|n| *n == name).map(|i| i + 1);
+        let entry = name.len() + value.len() + 32;
+        if self.literal_only || never_index(name) || entry > DEFAULT_TABLE / 4 {
+            // Literal without indexing (§6.2.2).
+            match name_index {
+                Some(i) => put_integer(out, i, 4, 0x00),
+                None => {
+                    out.extend_from_slice(&[0x00]);
+                    put_string(out, name);
+                }
+            }
+            put_string(out, value);
+            return;
+        }
+        // Literal with incremental indexing (§6.2.1).
+        match name_index {
+            Some(i) => put_integer(out, i, 6, 0x40),
+            None => {
+                out.extend_from_slice(&[0x40]);
+                put_string(out, name);
+            }
+        }
+        put_string(out, value);
+        while self.size + entry > DEFAULT_TABLE {
+            let (n, v) = self.table.pop_back().expect("size accounts for entries");
+            self.size -= n.len() + v.len() + 32;
+        }
+        self.table.push_front((name.to_vec(), value.to_vec()));
+        self.size += entry;
+    }
+}
+
+/// HPACK's static table (RFC 7541 Appendix A), names only; index = position + 1.
+const STATIC_NAMES: [&[u8]; 61] = [
+    b":authority",
+    b":method",
+    b":method",
+    b":path",
+    b":path",
+    b":scheme",
+    b":scheme",
+    b":status",
+    b":status",
+    b":status",
+    b":status",
+    b":status",
+    b":status",
+    b":status",
+    b"accept-charset",
+    b"accept-encoding",
+    b"accept-language",
+    b"accept-ranges",
+    b"accept",
+    b"access-control-allow-origin",
+    b"age",
+    b"allow",
+    b"authorization",
+    b"cache-control",
+    b"content-disposition",
+    b"content-encoding",
+    b"content-language",
+    b"content-length",
+    b"content-location",
+    b"content-range",
+    b"content-type",
+    b"cookie",
+    b"date",
+    b"etag",
+    b"expect",
+    b"expires",
+    b"from",
+    b"host",
+    b"if-match",
+    b"if-modified-since",
+    b"if-none-match",
+    b"if-range",
+    b"if-unmodified-since",
+    b"last-modified",
+    b"link",
+    b"location",
+    b"max-forwards",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"range",
+    b"referer",
+    b"refresh",
+    b"retry-after",
+    b"server",
+    b"set-cookie",
+    b"strict-transport-security",
+    b"transfer-encoding",
+    b"user-agent",
+    b"vary",
+    b"via",
+    b"www-authenticate",
+];
+
+/// Values of the static table's entries (most are empty).
+fn static_value(index: usize) -> &'static [u8] {
+    match index {
+        2 => b"GET",
+        3 => b"POST",
+        4 => b"/",
+        5 => b"/index.html",
+        6 => b"http",
+        7 => b"https",
+        8 => b"200",
+        9 => b"204",
+        10 => b"206",
+        11 => b"304",
+        12 => b"400",
+        13 => b"404",
+        14 => b"500",
+        16 => b"gzip, deflate",
+        _ => b"",
+    }
+}
+
+/// Static entries with values that a gRPC request can match exactly.
+fn static_full(name: &[u8], value: &[u8]) -> Option<usize> {
+    match (name, value) {
+        (b":method", b"GET") => Some(2),
+        (b":method", b"POST") => Some(3),
+        (b":path", b"/") => Some(4),
+        (b":scheme", b"http") => Some(6),
+        (b":scheme", b"https") => Some(7),
+        (b":status", b"200") => Some(8),
+        _ => None,
     }
 }
 
 /// Look up the first header called `name`.
 pub fn get<'a>(list: &'a HeaderList, name: &[u8]) -> Option<&'a [u8]> {
-    list.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    list.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_slice())
 }
 
 /// Encode headers as "literal without indexing, new name" (RFC 7541 §6.2.2),
@@ -89,18 +407,128 @@ mod tests {
     #[test]
     fn encode_then_decode_roundtrips_long_values() {
         let long = vec![b'x'; 300];
-        let headers: Vec<(&[u8], &[u8])> =
-            vec![(b":path", b"/runtime.v1.RuntimeService/Version"), (b"x-long", &long)];
+        let headers: Vec<(&[u8], &[u8])> = vec![
+            (b":path", b"/runtime.v1.RuntimeService/Version"),
+            (b"x-long", &long),
+        ];
         let mut out = BytesMut::new();
         encode(&mut out, headers.iter().copied());
         let decoded = Decoder::default().decode(&out).unwrap();
         assert_eq!(decoded.len(), 2);
-        assert_eq!(get(&decoded, b":path"), Some(&b"/runtime.v1.RuntimeService/Version"[..]));
+        assert_eq!(
+            get(&decoded, b":path"),
+            Some(&b"/runtime.v1.RuntimeService/Version"[..])
+        );
         assert_eq!(get(&decoded, b"x-long"), Some(&long[..]));
     }
 
     #[test]
+    fn encoder_indexes_repeats_and_can_drop_its_table() {
+        let headers: HeaderList = vec![
+            (
+                b":path".to_vec(),
+                b"/runtime.v1.RuntimeService/Version".to_vec(),
+            ),
+            (b"user-agent".to_vec(), b"kubelet".to_vec()),
+        ];
+        let mut many = headers.clone();
+        many.push((b":method".to_vec(), b"POST".to_vec()));
+        many.push((b"grpc-timeout".to_vec(), b"1999m".to_vec()));
+        many.push((b"x-custom".to_vec(), b"v".to_vec()));
+        for _ in 0..3 {
+            let mut b = BytesMut::new();
+            Encoder::default().encode(false, &mut b, &many);
+            assert_eq!(Decoder::default().decode(&b).unwrap(), many);
+        }
+        let mut enc = Encoder::default();
+        let mut dec = Decoder::default();
+        let mut first = BytesMut::new();
+        enc.encode(false, &mut first, &headers);
+        let mut second = BytesMut::new();
+        enc.encode(false, &mut second, &headers);
+        assert_eq!(second.len(), 2, "repeats are table references");
+        assert_eq!(dec.decode(&first).unwrap(), headers);
+        assert_eq!(dec.decode(&second).unwrap(), headers);
+        let mut third = BytesMut::new();
+        enc.encode(true, &mut third, &headers);
+        assert_eq!(third[0], 0x20);
+        assert_eq!(dec.decode(&third).unwrap(), headers);
+    }
+
+    #[test]
+    fn encoder_and_decoder_stay_in_sync_through_evictions() {
+        let mut enc = Encoder::default();
+        let mut dec = Decoder::default();
+        for i in 0..500u32 {
+            let headers: HeaderList = vec![
+                (b":method".to_vec(), b"POST".to_vec()),
+                (b":path".to_vec(), format!("/svc/M{}", i % 37).into_bytes()),
+                (
+                    format!("x-key-{}", i % 11).into_bytes(),
+                    vec![b'v'; (i % 300) as usize],
+                ),
+                (b"grpc-timeout".to_vec(), format!("{i}m").into_bytes()),
+            ];
+            let mut b = BytesMut::new();
+            enc.encode(i == 400, &mut b, &headers);
+            assert_eq!(dec.decode(&b).unwrap(), headers, "block {i}");
+        }
+    }
+
+    /// RFC 7541 Appendix C.4: requests with Huffman coding, one connection.
+    #[test]
+    fn rfc7541_c4_huffman_requests() {
+        let mut dec = Decoder::default();
+        let first = hex("828684418cf1e3c2e5f23a6ba0ab90f4ff");
+        let list = dec.decode(&first).unwrap();
+        assert_eq!(
+            list,
+            vec![
+                (b":method".to_vec(), b"GET".to_vec()),
+                (b":scheme".to_vec(), b"http".to_vec()),
+                (b":path".to_vec(), b"/".to_vec()),
+                (b":authority".to_vec(), b"www.example.com".to_vec()),
+            ]
+        );
+        let second = hex("828684be5886a8eb10649cbf");
+        let list = dec.decode(&second).unwrap();
+        assert_eq!(get(&list, b":authority"), Some(&b"www.example.com"[..]));
+        assert_eq!(get(&list, b"cache-control"), Some(&b"no-cache"[..]));
+    }
+
+    /// An independent encoder (with its own dynamic table) must be understood.
+    #[test]
+    fn decodes_an_independent_encoder() {
+        let mut theirs = loona_hpack::Encoder::new();
+        let mut dec = Decoder::default();
+        for i in 0..200 {
+            let fields: Vec<(Vec<u8>, Vec<u8>)> = vec![
+                (b":method".to_vec(), b"POST".to_vec()),
+                (
+                    b":path".to_vec(),
+                    format!("/runtime.v1.RuntimeService/M{}", i % 7).into_bytes(),
+                ),
+                (
+                    format!("x-{}", i % 13).into_bytes(),
+                    format!("value-{}", i % 5).into_bytes(),
+                ),
+            ];
+            let block = theirs.encode(fields.iter().map(|(n, v)| (&n[..], &v[..])));
+            assert_eq!(dec.decode(&block).unwrap(), fields);
+        }
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
     fn garbage_is_an_error() {
-        assert!(Decoder::default().decode(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(Decoder::default()
+            .decode(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
+            .is_err());
     }
 }

@@ -112,12 +112,13 @@ pub async fn serve_with(
     let open = conns.len();
     info!(connections = open, drain_timeout = ?drain, "shutting down: draining in-flight calls");
     drain_tx.send_replace(true);
-    let drained = tokio::time::timeout(drain, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
-        warn!(connections = conns.len(), "drain timeout: closing connections with calls in flight");
+        warn!(
+            connections = conns.len(),
+            "drain timeout: closing connections with calls in flight"
+        );
         conns.abort_all();
     }
     Ok(())
@@ -148,7 +149,12 @@ async fn connection(
     buf.advance_preface();
     let upstream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(runtime.as_path()))
         .await
-        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")));
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        });
     match upstream {
         Ok(upstream) => conn::relay(client, upstream, buf, interceptor, drain).await,
         Err(e) => {
