@@ -25,7 +25,7 @@
 //! while the client's window is short waits (in order) in `held`. With no
 //! local streams none of this happens and frames just flow.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -65,6 +65,9 @@ struct State {
     debt: i64,
     /// The client's SETTINGS_INITIAL_WINDOW_SIZE (stream windows of local streams).
     client_initial_window: i64,
+    /// INITIAL_WINDOW_SIZE of client SETTINGS frames the runtime has not yet
+    /// acknowledged, oldest first (`None`: that frame did not change it).
+    unacked_client_settings: VecDeque<Option<i64>>,
     /// Highest stream id the client opened.
     last_stream: u32,
     /// The runtime lowered SETTINGS_HEADER_TABLE_SIZE below the default: the
@@ -358,16 +361,15 @@ impl ClientToRuntime {
                     }
                 }
                 kind::SETTINGS if !head.has(flag::ACK) => {
-                    for (id, value) in frame::settings(payload) {
-                        if id == frame::setting::INITIAL_WINDOW_SIZE {
-                            let delta = i64::from(value) - st.client_initial_window;
-                            st.client_initial_window = i64::from(value);
-                            for local in st.local.values_mut() {
-                                local.window += delta;
-                            }
-                            woke = true;
-                        }
-                    }
+                    // The client's receive windows change only once the
+                    // runtime's acknowledgement reaches it (h2 applies its
+                    // own settings then); the other direction applies this
+                    // when it passes that ACK on.
+                    let window = frame::settings(payload)
+                        .filter(|(id, _)| *id == frame::setting::INITIAL_WINDOW_SIZE)
+                        .map(|(_, v)| i64::from(v))
+                        .last();
+                    st.unacked_client_settings.push_back(window);
                     self.out.extend_from_slice(raw);
                 }
                 kind::RST_STREAM => {
@@ -629,7 +631,15 @@ impl RuntimeToClient {
                 kind::DATA | kind::HEADERS => head.has(flag::END_STREAM),
                 kind::RST_STREAM => true,
                 kind::SETTINGS => {
-                    if !head.has(flag::ACK) {
+                    if head.has(flag::ACK) {
+                        if let Some(Some(window)) = st.unacked_client_settings.pop_front() {
+                            let delta = window - st.client_initial_window;
+                            st.client_initial_window = window;
+                            for local in st.local.values_mut() {
+                                local.window += delta;
+                            }
+                        }
+                    } else {
                         let payload = &buf[at + frame::HEADER_LEN..end];
                         if frame::settings(payload).any(|(id, v)| {
                             id == frame::setting::HEADER_TABLE_SIZE
