@@ -8,6 +8,7 @@
 //! ```text
 //! cargo bench --bench cri -- --direct SOCK --relay SOCK --shim SOCK --shim-pid PID
 //!     [--containers 100] [--seconds 1.0] [--rounds 3]
+//!     [--calls Version,ContainerStatus,ListContainers] [--concurrency 1,32]
 //! ```
 
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ struct Args {
     containers: usize,
     seconds: f64,
     rounds: usize,
+    calls: Vec<Call>,
+    concurrency: Vec<usize>,
 }
 
 fn parse_args() -> Args {
@@ -39,6 +42,8 @@ fn parse_args() -> Args {
         containers: 100,
         seconds: 1.0,
         rounds: 3,
+        calls: vec![Call::Version, Call::ContainerStatus, Call::ListContainers],
+        concurrency: vec![1, 32],
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -51,6 +56,20 @@ fn parse_args() -> Args {
             "--containers" => args.containers = val().parse().expect("count"),
             "--seconds" => args.seconds = val().parse().expect("seconds"),
             "--rounds" => args.rounds = val().parse().expect("rounds"),
+            "--calls" => {
+                args.calls = val()
+                    .split(',')
+                    .map(|c| match c {
+                        "Version" => Call::Version,
+                        "ContainerStatus" => Call::ContainerStatus,
+                        "ListContainers" => Call::ListContainers,
+                        other => panic!("unknown call {other}"),
+                    })
+                    .collect()
+            }
+            "--concurrency" => {
+                args.concurrency = val().split(',').map(|c| c.parse().expect("number")).collect()
+            }
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -239,8 +258,8 @@ fn main() {
             "call", "conc", "via", "p50 µs", "p99 µs", "calls/s"
         );
         let mut ratios = Vec::new();
-        for call in [Call::Version, Call::ContainerStatus, Call::ListContainers] {
-            for conc in [1usize, 32] {
+        for &call in &args.calls {
+            for &conc in &args.concurrency {
                 // Warm up every path, then alternate them round by round so
                 // that drift on the shared machine hits all alike.
                 for (_, c) in &clients {

@@ -32,8 +32,7 @@ fn main() -> ExitCode {
         "starting with effective configuration"
     );
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .thread_name("sidecar-shim")
         .enable_all()
         .build()
