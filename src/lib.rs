@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod lifecycle;
 pub mod listener;
 pub mod logging;
 pub mod proxy;

@@ -1,0 +1,11 @@
+//! The sidecar lifecycle: which containers are sidecars (from pod
+//! annotations), when they are ready, and the order in which containers of a
+//! pod may start and stop.
+//!
+//! * [`spec`]: pod annotations and labels into a checked [`spec::PodSpec`].
+//! * [`probe`]: readiness checks, run inside the pod's network namespace.
+//! * [`machine`]: the pure lifecycle state machine (events in, actions out).
+
+pub mod machine;
+pub mod probe;
+pub mod spec;
