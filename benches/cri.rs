@@ -68,7 +68,10 @@ fn parse_args() -> Args {
                     .collect()
             }
             "--concurrency" => {
-                args.concurrency = val().split(',').map(|c| c.parse().expect("number")).collect()
+                args.concurrency = val()
+                    .split(',')
+                    .map(|c| c.parse().expect("number"))
+                    .collect()
             }
             "--bench" => {}
             other => panic!("unknown argument {other}"),
