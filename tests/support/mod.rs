@@ -56,6 +56,8 @@ pub const SHIM_LOG_ENV: &str = "SIDECAR_SHIM_TEST_RUST_LOG";
 
 /// Prefix of the per-test directories under /tmp (short, for socket paths).
 const DIR_PREFIX: &str = "sshim-";
+/// In a test directory: the owner's lock (see [`lock_owner`]).
+const OWNER_LOCK: &str = "owner.lock";
 /// Generous: a loaded 2-core CI machine runs several test processes at once.
 const CONTAINERD_START_TIMEOUT: Duration = Duration::from_secs(60);
 const SHIM_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -156,9 +158,70 @@ fn run_script(args: &[&std::ffi::OsStr], images: Option<&Path>) -> Result<String
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Try to take an exclusive `flock` on `file` without blocking: `Ok(true)`
+/// if taken (held until the file is closed), `Ok(false)` if another open file
+/// description holds it.
+fn try_lock_exclusive(file: &fs::File) -> io::Result<bool> {
+    use nix::libc;
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock on a descriptor this File owns; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+/// The owner's lock on its test directory: an exclusive `flock` on
+/// `DIR/owner.lock`, taken before `DIR/owner.pid` is written and held as long
+/// as the [`PrivateContainerd`] lives. The kernel drops it when the owner's
+/// process dies however it dies, and it cannot be mistaken for someone else's
+/// the way a recycled pid can (nor does it depend on seeing the owner's pid
+/// namespace).
+fn lock_owner(dir: &Path) -> Result<fs::File> {
+    let path = dir.join(OWNER_LOCK);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    if !try_lock_exclusive(&file).with_context(|| format!("locking {}", path.display()))? {
+        bail!("{} is locked by someone else", path.display());
+    }
+    Ok(file)
+}
+
+/// Is the test directory `dir` (with an `owner.pid`) abandoned: its owner
+/// gone without cleaning up? If so, returns what keeps other reapers off it
+/// while it is reaped (the owner's lock, now ours).
+///
+/// A directory with `owner.lock` is abandoned exactly when nobody holds that
+/// lock. One without (made by an older copy of this file) is abandoned when
+/// `owner.pid` names no live process; a recycled pid keeps it, which errs on
+/// the safe side.
+fn abandoned(dir: &Path, owner: u32) -> Option<Option<fs::File>> {
+    match fs::File::open(dir.join(OWNER_LOCK)) {
+        Ok(file) => match try_lock_exclusive(&file) {
+            Ok(true) => Some(Some(file)),
+            _ => None,
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => (!pid_alive(owner)).then_some(None),
+        Err(_) => None,
+    }
+}
+
 /// Test directories whose owning process died without cleaning up (a test
 /// killed by a timeout, say): stop what runs there and remove them. Only
-/// directories with our prefix and an `owner.pid` naming a dead process.
+/// directories with our prefix, an `owner.pid`, no `keep` marker and an owner
+/// that is gone (see [`abandoned`]). Stopping is safe even if this judged
+/// wrongly: `hack/containerd stop` only touches the directory's own
+/// namespace and runc containers, recognised by more than recorded pids.
 fn reap_stale_dirs() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
@@ -171,15 +234,20 @@ fn reap_stale_dirs() {
                 continue;
             }
             let dir = entry.path();
+            if dir.join("keep").exists() {
+                continue;
+            }
+            // Written after the owner took its lock: without it the
+            // directory may be just being set up.
             let Ok(owner) = fs::read_to_string(dir.join("owner.pid")) else {
                 continue;
             };
             let Ok(owner) = owner.trim().parse::<u32>() else {
                 continue;
             };
-            if pid_alive(owner) || dir.join("keep").exists() {
+            let Some(_lock) = abandoned(&dir, owner) else {
                 continue;
-            }
+            };
             let _ = run_script(&["stop".as_ref(), dir.as_os_str()], None);
             let _ = fs::remove_dir_all(&dir);
         }
@@ -197,6 +265,9 @@ pub struct PrivateContainerd {
     path: PathBuf,
     socket: PathBuf,
     child: Option<Child>,
+    /// Held until after `drop` has stopped everything and removed the
+    /// directory (fields are dropped after `Drop::drop` runs).
+    _owner_lock: fs::File,
 }
 
 impl PrivateContainerd {
@@ -210,12 +281,14 @@ impl PrivateContainerd {
             .tempdir_in("/tmp")
             .context("creating a temporary directory under /tmp")?;
         let path = dir.path().to_path_buf();
+        let owner_lock = lock_owner(&path)?;
         fs::write(path.join("owner.pid"), std::process::id().to_string())?;
         let mut me = PrivateContainerd {
             socket: path.join("containerd.sock"),
             path,
             dir: Some(dir),
             child: None,
+            _owner_lock: owner_lock,
         };
         let p = me.path.clone();
         tokio::task::spawn_blocking(move || run_script(&["prepare".as_ref(), p.as_os_str()], None))
