@@ -43,6 +43,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod kubelet;
+
 /// The pause image the private containerd uses as its sandbox image.
 pub const PAUSE_IMAGE: &str = "localhost/sidecar-shim/pause:test";
 /// Busybox (static) with applet symlinks under /bin; default command `sh`.
