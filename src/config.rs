@@ -106,6 +106,107 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     #[serde(default, deserialize_with = "de_duration")]
     pub drain_timeout: Option<Duration>,
+    /// The `[lifecycle]` table.
+    #[serde(default)]
+    pub lifecycle: LifecycleFile,
+}
+
+/// The `[lifecycle]` table of the config file: node-wide defaults for the
+/// pods' sidecar annotations, and the shim's own timings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleFile {
+    /// Default for `sidecar-shim.io/ready-timeout`.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub ready_timeout: Option<Duration>,
+    /// Default for `sidecar-shim.io/on-ready-timeout`: "fail" or "start".
+    #[serde(default)]
+    pub on_ready_timeout: Option<OnReadyTimeoutName>,
+    /// Job pods without a restart-policy annotation: how long a failed
+    /// container may wait for its next attempt before its exit is terminal.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub failed_exit_window: Option<Duration>,
+    /// The least grace a sidecar gets when its held stop is released.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub min_stop_grace: Option<Duration>,
+    /// How long a lone sidecar stop waits for a sign of pod shutdown.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub evidence_window: Option<Duration>,
+    /// Report sidecars the shim stopped (Job completion) as exited 0, Completed.
+    #[serde(default)]
+    pub rewrite_exit_code: Option<bool>,
+}
+
+/// `on_ready_timeout` in the config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnReadyTimeoutName {
+    Fail,
+    Start,
+}
+
+/// The lifecycle settings the daemon runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleConfig {
+    pub ready_timeout: Duration,
+    pub on_ready_timeout: OnReadyTimeoutName,
+    pub failed_exit_window: Duration,
+    pub min_stop_grace: Duration,
+    pub evidence_window: Duration,
+    pub rewrite_exit_code: bool,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        let d = crate::lifecycle::spec::Defaults::default();
+        let s = crate::lifecycle::machine::Settings::default();
+        LifecycleConfig {
+            ready_timeout: d.ready_timeout,
+            on_ready_timeout: OnReadyTimeoutName::Fail,
+            failed_exit_window: d.failed_exit_window,
+            min_stop_grace: s.min_stop_grace,
+            evidence_window: s.evidence_window,
+            rewrite_exit_code: s.rewrite_exit_code,
+        }
+    }
+}
+
+impl LifecycleConfig {
+    fn merge(file: LifecycleFile) -> LifecycleConfig {
+        let d = LifecycleConfig::default();
+        LifecycleConfig {
+            ready_timeout: file.ready_timeout.unwrap_or(d.ready_timeout),
+            on_ready_timeout: file.on_ready_timeout.unwrap_or(d.on_ready_timeout),
+            failed_exit_window: file.failed_exit_window.unwrap_or(d.failed_exit_window),
+            min_stop_grace: file.min_stop_grace.unwrap_or(d.min_stop_grace),
+            evidence_window: file.evidence_window.unwrap_or(d.evidence_window),
+            rewrite_exit_code: file.rewrite_exit_code.unwrap_or(d.rewrite_exit_code),
+        }
+    }
+
+    /// Defaults for the pods' annotations.
+    pub fn defaults(&self) -> crate::lifecycle::spec::Defaults {
+        use crate::lifecycle::spec::OnReadyTimeout;
+        crate::lifecycle::spec::Defaults {
+            ready_timeout: self.ready_timeout,
+            on_ready_timeout: match self.on_ready_timeout {
+                OnReadyTimeoutName::Fail => OnReadyTimeout::Fail,
+                OnReadyTimeoutName::Start => OnReadyTimeout::Start,
+            },
+            failed_exit_window: self.failed_exit_window,
+        }
+    }
+
+    /// The state machine's settings.
+    pub fn settings(&self) -> crate::lifecycle::machine::Settings {
+        crate::lifecycle::machine::Settings {
+            min_stop_grace: self.min_stop_grace,
+            evidence_window: self.evidence_window,
+            rewrite_exit_code: self.rewrite_exit_code,
+            failed_exit_window: self.failed_exit_window,
+            ..Default::default()
+        }
+    }
 }
 
 impl FileConfig {
@@ -136,6 +237,7 @@ pub struct Config {
     pub runtime_socket: PathBuf,
     pub log_format: LogFormat,
     pub drain_timeout: Duration,
+    pub lifecycle: LifecycleConfig,
 }
 
 impl Default for Config {
@@ -146,6 +248,7 @@ impl Default for Config {
                 .expect("default runtime endpoint is valid"),
             log_format: LogFormat::default(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            lifecycle: LifecycleConfig::default(),
         }
     }
 }
@@ -175,7 +278,16 @@ impl Config {
                 file.drain_timeout,
                 defaults.drain_timeout,
             ),
+            lifecycle: LifecycleConfig::merge(file.lifecycle),
         };
+        if let Err(reason) =
+            crate::lifecycle::spec::check_ready_timeout(config.lifecycle.ready_timeout)
+        {
+            return Err(ConfigError::InvalidDuration {
+                value: format!("{:?}", config.lifecycle.ready_timeout),
+                reason,
+            });
+        }
         config.check()?;
         Ok(config)
     }
@@ -387,6 +499,7 @@ mod tests {
                     runtime_socket: "/run/containerd/containerd.sock".into(),
                     log_format: LogFormat::Text,
                     drain_timeout: Duration::from_secs(10),
+                    lifecycle: LifecycleConfig::default(),
                 },
             ),
             ("empty file", vec![], Some(""), d.clone()),
@@ -399,6 +512,7 @@ mod tests {
                     runtime_socket: "/file/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(90),
+                    lifecycle: LifecycleConfig::default(),
                 },
             ),
             (
@@ -428,6 +542,7 @@ mod tests {
                     runtime_socket: "/flag/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(120),
+                    lifecycle: LifecycleConfig::default(),
                 },
             ),
             (
@@ -444,6 +559,7 @@ mod tests {
                     runtime_socket: "/flag/containerd.sock".into(),
                     log_format: LogFormat::Text,
                     drain_timeout: Duration::ZERO,
+                    lifecycle: LifecycleConfig::default(),
                 },
             ),
             (
@@ -455,6 +571,7 @@ mod tests {
                     runtime_socket: "/file/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(3),
+                    lifecycle: LifecycleConfig::default(),
                 },
             ),
         ];

@@ -67,9 +67,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(path = %socket.path().display(), "listening for CRI requests");
     let (listener, guard) = socket.split();
 
-    let served = proxy::serve(
+    let lifecycle = sidecar_shim::lifecycle::service::Lifecycle::new(
+        config.runtime_socket.clone(),
+        config.lifecycle.settings(),
+        config.lifecycle.defaults(),
+    );
+    let served = proxy::serve_with(
         listener,
         config.runtime_socket.clone(),
+        std::sync::Arc::new(lifecycle),
         signal::shutdown(),
         config.drain_timeout,
     )

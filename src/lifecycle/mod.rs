@@ -5,7 +5,9 @@
 //! * [`spec`]: pod annotations and labels into a checked [`spec::PodSpec`].
 //! * [`probe`]: readiness checks, run inside the pod's network namespace.
 //! * [`machine`]: the pure lifecycle state machine (events in, actions out).
+//! * [`service`]: the interceptor that feeds the machine and acts on it.
 
 pub mod machine;
 pub mod probe;
+pub mod service;
 pub mod spec;

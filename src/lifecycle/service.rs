@@ -1,0 +1,804 @@
+//! The lifecycle's gRPC side: the [`Interceptor`] that turns the calls it
+//! claims into machine events, carries out the machine's actions against the
+//! runtime, runs readiness checks and watches exits.
+//!
+//! Every intercepted handler has the same shape: decode what it must, ask the
+//! machine, then forward the original bytes, answer, or wait for the machine
+//! to release the call. Calls of pods without a sidecar annotation are
+//! forwarded as they came (over the shim's own connection to the runtime).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use prost::Message;
+use tokio::sync::{oneshot, Notify};
+use tonic::transport::{Channel, Endpoint, Uri};
+use tracing::{debug, info, warn};
+
+use super::machine::{Action, CallId, Event, Machine, Settings, StatusOverride};
+use super::probe;
+use super::spec::{self, Defaults, PodSpec};
+use crate::proxy::{CallFuture, Interceptor, LocalCall};
+
+const RUNTIME: &str = "/runtime.v1.RuntimeService/";
+
+/// How often the exits of watched containers are polled (the runtime's
+/// GetContainerEvents stream is not implemented by containerd 1.6).
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a sidecar's readiness is checked until it passes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(25);
+
+/// The methods the lifecycle looks at. `Always`: every call (they carry what
+/// tells managed pods apart). `Managed`: only while some pod has a sidecar
+/// spec. `Rewrites`: only while some container's status is being rewritten.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum When {
+    Always,
+    Managed,
+    Rewrites,
+}
+
+const INTERCEPTED: &[(&str, When)] = &[
+    ("CreateContainer", When::Always),
+    ("StartContainer", When::Always),
+    ("StopContainer", When::Managed),
+    ("ExecSync", When::Managed),
+    ("Exec", When::Managed),
+    ("StopPodSandbox", When::Managed),
+    ("RemoveContainer", When::Managed),
+    ("RemovePodSandbox", When::Managed),
+    ("ContainerStatus", When::Rewrites),
+    ("ListContainers", When::Rewrites),
+    ("PodSandboxStatus", When::Rewrites),
+];
+
+/// The lifecycle interceptor.
+#[derive(Clone)]
+pub struct Lifecycle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    machine: Mutex<Machine>,
+    runtime: RuntimeServiceClient<Channel>,
+    raw: tonic::client::Grpc<Channel>,
+    defaults: Defaults,
+    /// Held calls waiting for the machine's decision.
+    pending: Mutex<HashMap<CallId, oneshot::Sender<Decision>>>,
+    next_call: AtomicU64,
+    /// Wakes the driver (new deadlines, probes, watches).
+    wake: Notify,
+    managed: AtomicBool,
+    rewrites: AtomicBool,
+    /// Pods whose annotations were rejected (warned about once).
+    rejected: Mutex<HashSet<String>>,
+    /// Pod specs by sandbox id (parsed once).
+    specs: Mutex<HashMap<String, Arc<PodSpec>>>,
+    /// Probe and watch tasks running, by container id.
+    probing: Mutex<HashSet<String>>,
+    /// Network namespaces by sandbox id.
+    netns: Mutex<HashMap<String, Option<PathBuf>>>,
+    /// The instant that corresponds to `epoch` (for timestamps in overrides).
+    epoch: (Instant, SystemTime),
+}
+
+enum Decision {
+    Forward,
+    ForwardStop(Duration),
+    Answer(Result<(), String>),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Lifecycle {
+    /// The lifecycle over the runtime at `runtime` (its own connection,
+    /// opened lazily and re-opened as needed). Must be called inside a tokio
+    /// runtime: it starts the driver task.
+    pub fn new(runtime: PathBuf, settings: Settings, defaults: Defaults) -> Lifecycle {
+        let channel = Endpoint::from_static("http://localhost").connect_with_connector_lazy(
+            tower::service_fn(move |_: Uri| {
+                let path = runtime.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }),
+        );
+        let inner = Arc::new(Inner {
+            machine: Mutex::new(Machine::new(settings)),
+            runtime: RuntimeServiceClient::new(channel.clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+            raw: tonic::client::Grpc::new(channel)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+            defaults,
+            pending: Mutex::default(),
+            next_call: AtomicU64::new(1),
+            wake: Notify::new(),
+            managed: AtomicBool::new(false),
+            rewrites: AtomicBool::new(false),
+            rejected: Mutex::default(),
+            specs: Mutex::default(),
+            probing: Mutex::default(),
+            netns: Mutex::default(),
+            epoch: (Instant::now(), SystemTime::now()),
+        });
+        tokio::spawn(driver(inner.clone()));
+        Lifecycle { inner }
+    }
+}
+
+impl Interceptor for Lifecycle {
+    fn intercepts(&self, method: &str) -> bool {
+        let Some(name) = method.strip_prefix(RUNTIME) else {
+            return false;
+        };
+        match INTERCEPTED.iter().find(|(m, _)| *m == name) {
+            Some((_, When::Always)) => true,
+            Some((_, When::Managed)) => self.inner.managed.load(Ordering::Relaxed),
+            Some((_, When::Rewrites)) => self.inner.rewrites.load(Ordering::Relaxed),
+            None => false,
+        }
+    }
+
+    fn call(&self, call: LocalCall) -> CallFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let name = call
+                .method
+                .strip_prefix(RUNTIME)
+                .unwrap_or_default()
+                .to_string();
+            match name.as_str() {
+                "CreateContainer" => inner.create_container(call).await,
+                "StartContainer" => inner.start_container(call).await,
+                "StopContainer" => inner.stop_container(call).await,
+                "ExecSync" => inner.exec_sync(call).await,
+                "Exec" => inner.exec(call).await,
+                "StopPodSandbox" => inner.stop_pod_sandbox(call).await,
+                "RemoveContainer" => inner.remove_container(call).await,
+                "RemovePodSandbox" => inner.remove_pod_sandbox(call).await,
+                "ContainerStatus" => inner.container_status(call).await,
+                "ListContainers" => inner.list_containers(call).await,
+                "PodSandboxStatus" => inner.pod_sandbox_status(call).await,
+                _ => inner.forward(&call, call.message.clone()).await,
+            }
+        })
+    }
+}
+
+fn decode<M: Message + Default>(bytes: &Bytes) -> Result<M, tonic::Status> {
+    M::decode(bytes.clone())
+        .map_err(|e| tonic::Status::invalid_argument(format!("sidecar-shim: bad request: {e}")))
+}
+
+fn encode<M: Message>(m: &M) -> Bytes {
+    Bytes::from(m.encode_to_vec())
+}
+
+/// Headers that are HTTP/2 or gRPC protocol, not call metadata.
+fn is_protocol_header(name: &[u8]) -> bool {
+    name.starts_with(b":")
+        || matches!(
+            name,
+            b"content-type"
+                | b"te"
+                | b"grpc-timeout"
+                | b"grpc-encoding"
+                | b"grpc-accept-encoding"
+                | b"user-agent"
+                | b"content-length"
+        )
+}
+
+impl Inner {
+    /// Send a call's bytes to the runtime as they are, with the client's
+    /// metadata and deadline.
+    async fn forward(&self, call: &LocalCall, message: Bytes) -> Result<Bytes, tonic::Status> {
+        let mut req = tonic::Request::new(message);
+        for (name, value) in &call.headers {
+            if is_protocol_header(name) {
+                continue;
+            }
+            if let (Ok(k), Ok(v)) = (
+                tonic::metadata::AsciiMetadataKey::from_bytes(name),
+                tonic::metadata::AsciiMetadataValue::try_from(value.as_slice()),
+            ) {
+                req.metadata_mut().insert(k, v);
+            }
+        }
+        if let Some(t) = call.timeout {
+            req.set_timeout(t);
+        }
+        let path: http::uri::PathAndQuery = call
+            .method
+            .parse()
+            .map_err(|_| tonic::Status::internal("sidecar-shim: bad method path"))?;
+        let mut raw = self.raw.clone();
+        raw.ready().await.map_err(|e| {
+            tonic::Status::unavailable(format!("sidecar-shim: runtime unavailable: {e}"))
+        })?;
+        raw.unary(req, path, RawCodec).await.map(|r| r.into_inner())
+    }
+
+    fn call_id(&self) -> CallId {
+        CallId(self.next_call.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Feed the machine and carry out what it says.
+    fn feed(self: &Arc<Self>, event: Event) {
+        let actions = {
+            let mut m = lock(&self.machine);
+            let actions = m.handle(Instant::now(), event);
+            self.managed
+                .store(m.held_calls() > 0 || m.knows_any(), Ordering::Relaxed);
+            self.rewrites.store(m.rewrites_active(), Ordering::Relaxed);
+            actions
+        };
+        self.execute(actions);
+        self.wake.notify_one();
+    }
+
+    fn execute(self: &Arc<Self>, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Forward(call) => self.decide(call, Decision::Forward),
+                Action::ForwardStop { call, timeout } => {
+                    self.decide(call, Decision::ForwardStop(timeout))
+                }
+                Action::Answer { call, result } => {
+                    self.decide(call, Decision::Answer(result.map_err(|r| r.message)))
+                }
+                Action::Start(id) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let mut rt = me.runtime.clone();
+                        let ok = rt
+                            .start_container(cri::StartContainerRequest {
+                                container_id: id.clone(),
+                            })
+                            .await;
+                        if let Err(e) = &ok {
+                            warn!(container.id = %id, error = %e, "starting a deferred container failed");
+                        }
+                        me.feed(Event::StartDone {
+                            container: id,
+                            ok: ok.is_ok(),
+                        });
+                    });
+                }
+                Action::Stop { container, timeout } => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let mut rt = me.runtime.clone();
+                        let r = rt
+                            .stop_container(cri::StopContainerRequest {
+                                container_id: container.clone(),
+                                timeout: timeout.as_secs() as i64,
+                            })
+                            .await;
+                        if let Err(e) = r {
+                            warn!(container.id = %container, error = %e, "stopping a container failed");
+                        }
+                        me.observe_exit(&container).await;
+                    });
+                }
+                Action::Log(note) => {
+                    info!(pod = %note.pod, container = %note.container, detail = %note.detail, "{}", note.what)
+                }
+            }
+        }
+    }
+
+    fn decide(&self, call: CallId, decision: Decision) {
+        if let Some(tx) = lock(&self.pending).remove(&call) {
+            let _ = tx.send(decision);
+        }
+    }
+
+    /// Register a held call; the guard reports it cancelled if dropped.
+    fn hold(self: &Arc<Self>) -> (CallId, oneshot::Receiver<Decision>, HeldGuard) {
+        let id = self.call_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        (
+            id,
+            rx,
+            HeldGuard {
+                inner: self.clone(),
+                id,
+                armed: true,
+            },
+        )
+    }
+
+    /// Ask the runtime whether the container exited; tell the machine.
+    async fn observe_exit(self: &Arc<Self>, id: &str) {
+        let mut rt = self.runtime.clone();
+        if let Ok(r) = rt
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.to_string(),
+                verbose: false,
+            })
+            .await
+        {
+            if let Some(s) = r.into_inner().status {
+                if s.state == cri::ContainerState::ContainerExited as i32 {
+                    self.feed(Event::Exited {
+                        container: id.to_string(),
+                        code: s.exit_code,
+                    });
+                }
+            }
+        }
+    }
+
+    fn pod_spec(
+        &self,
+        pod_id: &str,
+        config: Option<&cri::PodSandboxConfig>,
+    ) -> Option<Arc<PodSpec>> {
+        if let Some(spec) = lock(&self.specs).get(pod_id) {
+            return Some(spec.clone());
+        }
+        let config = config?;
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| format!("{}/{}", m.namespace, m.name))
+            .unwrap_or_default();
+        match spec::parse(&config.annotations, &config.labels, &self.defaults) {
+            Ok(Some(spec)) => {
+                let spec = Arc::new(spec);
+                lock(&self.specs).insert(pod_id.to_string(), spec.clone());
+                Some(spec)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                if lock(&self.rejected).insert(pod_id.to_string()) {
+                    warn!(pod = %name, pod.id = %pod_id, error = %e, "annotation rejected: the pod's calls are forwarded untouched");
+                }
+                None
+            }
+        }
+    }
+
+    async fn create_container(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let req: cri::CreateContainerRequest = decode(&call.message)?;
+        let spec = self.pod_spec(&req.pod_sandbox_id, req.sandbox_config.as_ref());
+        let answer = self.forward(&call, call.message.clone()).await?;
+        if let Some(spec) = spec {
+            let resp: cri::CreateContainerResponse = decode(&answer)?;
+            let config = req.config.unwrap_or_default();
+            let meta = config.metadata.unwrap_or_default();
+            let pod_name = req
+                .sandbox_config
+                .as_ref()
+                .and_then(|c| c.metadata.as_ref())
+                .map(|m| format!("{}/{}", m.namespace, m.name))
+                .unwrap_or_default();
+            self.feed(Event::Created {
+                pod: req.pod_sandbox_id,
+                pod_name,
+                spec,
+                container: resp.container_id,
+                name: meta.name,
+                attempt: meta.attempt,
+                pre_stop: spec::parse_pre_stop(&config.annotations),
+                grace: spec::grace_period(&config.annotations),
+            });
+        }
+        Ok(answer)
+    }
+
+    async fn start_container(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let req: cri::StartContainerRequest = decode(&call.message)?;
+        if !lock(&self.machine).knows(&req.container_id) {
+            return self.forward(&call, call.message.clone()).await;
+        }
+        let (id, rx, guard) = self.hold();
+        self.feed(Event::StartCalled {
+            call: id,
+            container: req.container_id.clone(),
+            deadline: call.timeout.map(|t| Instant::now() + t),
+        });
+        let decision = rx
+            .await
+            .map_err(|_| tonic::Status::internal("sidecar-shim: held call dropped"))?;
+        guard.disarm();
+        match decision {
+            Decision::Forward | Decision::ForwardStop(_) => {
+                let r = self.forward(&call, call.message.clone()).await;
+                self.feed(Event::StartDone {
+                    container: req.container_id,
+                    ok: r.is_ok(),
+                });
+                r
+            }
+            Decision::Answer(Ok(())) => Ok(encode(&cri::StartContainerResponse {})),
+            Decision::Answer(Err(msg)) => Err(tonic::Status::failed_precondition(msg)),
+        }
+    }
+
+    async fn stop_container(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let req: cri::StopContainerRequest = decode(&call.message)?;
+        if !lock(&self.machine).knows(&req.container_id) {
+            return self.forward(&call, call.message.clone()).await;
+        }
+        let (id, rx, guard) = self.hold();
+        self.feed(Event::StopCalled {
+            call: id,
+            container: req.container_id.clone(),
+            timeout: Duration::from_secs(req.timeout.max(0) as u64),
+            deadline: call.timeout.map(|t| Instant::now() + t),
+        });
+        let decision = rx
+            .await
+            .map_err(|_| tonic::Status::internal("sidecar-shim: held call dropped"))?;
+        guard.disarm();
+        let r = match decision {
+            Decision::Forward => self.forward(&call, call.message.clone()).await,
+            Decision::ForwardStop(timeout) => {
+                let req = cri::StopContainerRequest {
+                    container_id: req.container_id.clone(),
+                    timeout: timeout.as_secs() as i64,
+                };
+                self.forward(&call, encode(&req)).await
+            }
+            Decision::Answer(Ok(())) => return Ok(encode(&cri::StopContainerResponse {})),
+            Decision::Answer(Err(msg)) => return Err(tonic::Status::failed_precondition(msg)),
+        };
+        self.observe_exit(&req.container_id).await;
+        r
+    }
+
+    async fn exec_sync(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let req: cri::ExecSyncRequest = decode(&call.message)?;
+        let (refusal, pre_stop) = {
+            let m = lock(&self.machine);
+            (
+                m.exec_refusal(&req.container_id),
+                m.exec_pre_stop(&req.container_id)
+                    .map(|c| c == req.cmd.as_slice()),
+            )
+        };
+        if let Some(msg) = refusal {
+            return Err(tonic::Status::failed_precondition(msg));
+        }
+        // kubelet runs exec hooks with timeout 0; probes always have one.
+        if pre_stop == Some(true) && req.timeout == 0 {
+            let (id, rx, guard) = self.hold();
+            self.feed(Event::PreStopCalled {
+                call: id,
+                container: req.container_id.clone(),
+            });
+            let _ = rx.await;
+            guard.disarm();
+        }
+        self.forward(&call, call.message.clone()).await
+    }
+
+    async fn exec(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let req: cri::ExecRequest = decode(&call.message)?;
+        if let Some(msg) = lock(&self.machine).exec_refusal(&req.container_id) {
+            return Err(tonic::Status::failed_precondition(msg));
+        }
+        self.forward(&call, call.message.clone()).await
+    }
+
+    async fn stop_pod_sandbox(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let req: cri::StopPodSandboxRequest = decode(&call.message)?;
+        if lock(&self.machine).knows_pod(&req.pod_sandbox_id) {
+            let (id, rx, guard) = self.hold();
+            self.feed(Event::StopPodCalled {
+                call: id,
+                pod: req.pod_sandbox_id.clone(),
+                deadline: call.timeout.map(|t| Instant::now() + t),
+            });
+            let _ = rx.await;
+            guard.disarm();
+        }
+        self.forward(&call, call.message.clone()).await
+    }
+
+    async fn remove_container(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let req: cri::RemoveContainerRequest = decode(&call.message)?;
+        let r = self.forward(&call, call.message.clone()).await?;
+        if lock(&self.machine).knows(&req.container_id) {
+            self.feed(Event::ContainerRemoved {
+                container: req.container_id,
+            });
+        }
+        Ok(r)
+    }
+
+    async fn remove_pod_sandbox(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let req: cri::RemovePodSandboxRequest = decode(&call.message)?;
+        let r = self.forward(&call, call.message.clone()).await?;
+        lock(&self.specs).remove(&req.pod_sandbox_id);
+        lock(&self.rejected).remove(&req.pod_sandbox_id);
+        lock(&self.netns).remove(&req.pod_sandbox_id);
+        if lock(&self.machine).knows_pod(&req.pod_sandbox_id) {
+            self.feed(Event::PodRemoved {
+                pod: req.pod_sandbox_id,
+            });
+        }
+        Ok(r)
+    }
+
+    fn nanos(&self, t: Instant) -> i64 {
+        let (i0, s0) = self.epoch;
+        let wall = if t >= i0 {
+            s0 + (t - i0)
+        } else {
+            s0 - (i0 - t)
+        };
+        wall.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0)
+    }
+
+    fn patch_status(&self, s: &mut cri::ContainerStatus) {
+        let o = lock(&self.machine).status_override(&s.id);
+        match o {
+            Some(StatusOverride::Running { since }) => {
+                s.state = cri::ContainerState::ContainerRunning as i32;
+                s.started_at = self.nanos(since);
+            }
+            Some(StatusOverride::Exited {
+                code,
+                reason,
+                message,
+            }) => {
+                if s.state != cri::ContainerState::ContainerExited as i32 {
+                    // Never started: kubelet must not take it for CREATED.
+                    s.state = cri::ContainerState::ContainerExited as i32;
+                    let now = self.nanos(Instant::now());
+                    if s.started_at == 0 {
+                        s.started_at = now;
+                    }
+                    if s.finished_at == 0 {
+                        s.finished_at = now;
+                    }
+                }
+                s.exit_code = code;
+                s.reason = reason;
+                s.message = message;
+            }
+            None => {}
+        }
+    }
+
+    fn patch_state(&self, id: &str, state: &mut i32) {
+        match lock(&self.machine).status_override(id) {
+            Some(StatusOverride::Running { .. }) => {
+                *state = cri::ContainerState::ContainerRunning as i32
+            }
+            Some(StatusOverride::Exited { .. }) => {
+                *state = cri::ContainerState::ContainerExited as i32
+            }
+            None => {}
+        }
+    }
+
+    async fn container_status(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let req: cri::ContainerStatusRequest = decode(&call.message)?;
+        let answer = self.forward(&call, call.message.clone()).await?;
+        if lock(&self.machine)
+            .status_override(&req.container_id)
+            .is_none()
+        {
+            return Ok(answer);
+        }
+        let mut resp: cri::ContainerStatusResponse = decode(&answer)?;
+        if let Some(s) = resp.status.as_mut() {
+            self.patch_status(s);
+        }
+        Ok(encode(&resp))
+    }
+
+    async fn list_containers(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let mut req: cri::ListContainersRequest = decode(&call.message)?;
+        // The state filter is applied here, after rewriting: the runtime
+        // would filter on the state it knows.
+        let wanted = req.filter.as_mut().and_then(|f| f.state.take());
+        let answer = self.forward(&call, encode(&req)).await?;
+        let mut resp: cri::ListContainersResponse = decode(&answer)?;
+        for c in &mut resp.containers {
+            self.patch_state(&c.id, &mut c.state);
+        }
+        if let Some(w) = wanted {
+            resp.containers.retain(|c| c.state == w.state);
+        }
+        Ok(encode(&resp))
+    }
+
+    async fn pod_sandbox_status(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let answer = self.forward(&call, call.message.clone()).await?;
+        let mut resp: cri::PodSandboxStatusResponse = decode(&answer)?;
+        if resp.containers_statuses.is_empty() {
+            return Ok(answer);
+        }
+        for s in &mut resp.containers_statuses {
+            self.patch_status(s);
+        }
+        Ok(encode(&resp))
+    }
+}
+
+/// Reports a held call as cancelled when its future is dropped before the
+/// machine decided (the client reset the call or the connection closed).
+struct HeldGuard {
+    inner: Arc<Inner>,
+    id: CallId,
+    armed: bool,
+}
+
+impl HeldGuard {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            lock(&self.inner.pending).remove(&self.id);
+            debug!(call = self.id.0, "held call cancelled by the client");
+            self.inner.feed(Event::Cancelled { call: self.id });
+        }
+    }
+}
+
+/// Deadlines, readiness checks and exit watches.
+async fn driver(me: Arc<Inner>) {
+    loop {
+        let (deadline, probes, watched) = {
+            let m = lock(&me.machine);
+            (m.next_deadline(), m.probes(), m.watched())
+        };
+        for (container, pod) in probes {
+            if lock(&me.probing).insert(format!("probe:{container}")) {
+                tokio::spawn(probe_loop(me.clone(), container, pod));
+            }
+        }
+        for container in watched {
+            if lock(&me.probing).insert(format!("watch:{container}")) {
+                tokio::spawn(watch_loop(me.clone(), container));
+            }
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d <= now) {
+            me.feed(Event::Tick);
+            continue;
+        }
+        let wait = deadline
+            .map(|d| d - now)
+            .unwrap_or(Duration::from_secs(3600));
+        let wake = me.wake.notified();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = wake => {}
+        }
+    }
+}
+
+async fn probe_loop(me: Arc<Inner>, container: String, pod: String) {
+    let key = format!("probe:{container}");
+    let check = lock(&me.machine).ready_check(&container);
+    let Some(check) = check else {
+        lock(&me.probing).remove(&key);
+        return;
+    };
+    let cached = lock(&me.netns).get(&pod).cloned();
+    let netns = match cached {
+        Some(n) => n,
+        None => {
+            let mut rt = me.runtime.clone();
+            let n = probe::pod_netns(&mut rt, &pod).await.unwrap_or_else(|e| {
+                warn!(pod.id = %pod, error = %e, "cannot find the pod's network namespace; checking the host's loopback");
+                None
+            });
+            lock(&me.netns).insert(pod.clone(), n.clone());
+            n
+        }
+    };
+    let target = probe::Target {
+        netns,
+        container_id: container.clone(),
+    };
+    let mut last = String::new();
+    loop {
+        if !lock(&me.machine)
+            .probes()
+            .iter()
+            .any(|(c, _)| *c == container)
+        {
+            break;
+        }
+        let mut rt = me.runtime.clone();
+        match probe::check(&check, &target, &mut rt).await {
+            probe::Outcome::Ready => {
+                me.feed(Event::Ready {
+                    container: container.clone(),
+                });
+                break;
+            }
+            probe::Outcome::NotReady(why) => {
+                if why != last {
+                    debug!(container.id = %container, why = %why, "sidecar not ready yet");
+                    last = why;
+                }
+            }
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+    lock(&me.probing).remove(&key);
+    me.wake.notify_one();
+}
+
+async fn watch_loop(me: Arc<Inner>, container: String) {
+    let key = format!("watch:{container}");
+    loop {
+        if !lock(&me.machine).watched().contains(&container) {
+            break;
+        }
+        me.observe_exit(&container).await;
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+    lock(&me.probing).remove(&key);
+    me.wake.notify_one();
+}
+
+/// A codec that passes message bytes through untouched.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Self::Error> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Bytes>, Self::Error> {
+        let n = src.remaining();
+        Ok(Some(src.copy_to_bytes(n)))
+    }
+}
