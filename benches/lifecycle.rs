@@ -1,0 +1,149 @@
+//! Lifecycle latencies through the shim, over many pods, measured from what
+//! the containers themselves record (/proc/uptime: one clock for every
+//! container and the host):
+//!
+//! * ready → start: from the moment a sidecar opens its port to the moment
+//!   the normal container's first command runs;
+//! * exit → stop: from the last normal container's exit (Job pod; it runs
+//!   1.5 s, past the shim's 1 s settle time after kubelet's last start) to the
+//!   moment the sidecar receives SIGTERM.
+//!
+//! Starts its own private containerd and shim (test support), drives pods
+//! with the kubelet simulator. Run by `hack/bench`, or:
+//! `cargo bench --bench lifecycle -- [--pods 20] [--parallel 4]`
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::kubelet::{ContainerDef, Kubelet, KubeletConfig, PodDef, RestartPolicy};
+use support::*;
+
+fn read_uptime(path: &Path) -> Option<f64> {
+    kubelet::parse_uptime(&std::fs::read_to_string(path).ok()?)
+}
+
+async fn wait_file(path: &Path) -> anyhow::Result<f64> {
+    wait_for_value(
+        Duration::from_secs(60),
+        &format!("{}", path.display()),
+        || {
+            let p = path.to_path_buf();
+            async move { Ok(read_uptime(&p)) }
+        },
+    )
+    .await
+}
+
+/// One pod: [sidecar, app]; the sidecar opens its port ~0.3 s after start.
+async fn startup(kubelet: &Kubelet, dir: &Path, i: usize) -> anyhow::Result<f64> {
+    let shared = dir.join(format!("start-{i}"));
+    std::fs::create_dir_all(&shared)?;
+    let pod = PodDef::new(&format!("start-{i}"))
+        .annotation("sidecar-shim.io/sidecars", "proxy")
+        .annotation("sidecar-shim.io/ready.proxy", "tcp://:8080")
+        .container(
+            ContainerDef::new(
+                "proxy",
+                sh("sleep 0.3; cat /proc/uptime > /shared/ready; exec nc -ll -p 8080 -e true"),
+            )
+            .mount(&shared, "/shared"),
+        )
+        .container(
+            ContainerDef::new(
+                "app",
+                sh("cat /proc/uptime > /shared/start; exec sleep 1000"),
+            )
+            .mount(&shared, "/shared"),
+        );
+    let handle = kubelet.run_pod(pod).await?;
+    let start = wait_file(&shared.join("start")).await?;
+    let ready = wait_file(&shared.join("ready")).await?;
+    handle.delete(Some(Duration::from_secs(2))).await?;
+    Ok(start - ready)
+}
+
+/// One Job pod: the main exits after ~0.5 s; the sidecar records SIGTERM.
+async fn job(kubelet: &Kubelet, dir: &Path, i: usize) -> anyhow::Result<f64> {
+    let shared = dir.join(format!("job-{i}"));
+    std::fs::create_dir_all(&shared)?;
+    let pod = PodDef::job(&format!("job-{i}"))
+        .restart_policy(RestartPolicy::Never)
+        .annotation("sidecar-shim.io/sidecars", "proxy")
+        .container(
+            ContainerDef::new(
+                "proxy",
+                sh("trap 'cat /proc/uptime > /shared/term; exit 0' TERM; while :; do sleep 0.05; done"),
+            )
+            .mount(&shared, "/shared"),
+        )
+        .container(
+            ContainerDef::new("main", sh("sleep 1.5; cat /proc/uptime > /shared/exit"))
+                .mount(&shared, "/shared"),
+        );
+    let handle = kubelet.run_pod(pod).await?;
+    let term = wait_file(&shared.join("term")).await?;
+    let exit = wait_file(&shared.join("exit")).await?;
+    handle.delete(Some(Duration::from_secs(2))).await.ok();
+    Ok(term - exit)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut pods = 20usize;
+    let mut parallel = 4usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--pods" => pods = args.next().expect("--pods N").parse()?,
+            "--parallel" => parallel = args.next().expect("--parallel N").parse()?,
+            _ => {}
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let containerd = PrivateContainerd::start().await?;
+        let listen = containerd.dir().join("shim.sock");
+        let shim = ShimProcess::start(&listen, containerd.socket(), &[]).await?;
+        let config = KubeletConfig { initial_backoff: Duration::from_secs(1), ..KubeletConfig::default() };
+        let kubelet = Arc::new(Kubelet::with_config(&listen, &containerd.pod_log_root(), config));
+        let dir = containerd.dir().join("bench");
+        for (name, which) in [("sidecar ready -> app start", 0), ("last normal exit -> sidecar SIGTERM", 1)] {
+            let mut samples = Vec::new();
+            for chunk in (0..pods).collect::<Vec<_>>().chunks(parallel) {
+                let mut tasks = Vec::new();
+                for &i in chunk {
+                    let (k, d) = (kubelet.clone(), dir.clone());
+                    tasks.push(tokio::spawn(async move {
+                        if which == 0 { startup(&k, &d, i).await } else { job(&k, &d, i).await }
+                    }));
+                }
+                for t in tasks {
+                    samples.push(t.await??);
+                }
+            }
+            let ms: Vec<f64> = samples.iter().map(|s| s * 1000.0).collect();
+            let (mut a, mut b, mut c) = (ms.clone(), ms.clone(), ms.clone());
+            println!(
+                "{name:<38} pods {:>3}  p50 {:>6.0} ms  p95 {:>6.0} ms  max {:>6.0} ms  (clock: /proc/uptime, 10 ms steps)",
+                ms.len(),
+                pct(&mut a, 0.5),
+                pct(&mut b, 0.95),
+                pct(&mut c, 1.0)
+            );
+        }
+        drop(shim);
+        anyhow::Ok(())
+    })
+}
