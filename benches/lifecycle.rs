@@ -13,7 +13,7 @@
 //! `cargo bench --bench lifecycle -- [--pods 20] [--parallel 4]`
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::path::Path;
