@@ -1197,9 +1197,15 @@ impl ShimProcess {
         cri_client(&self.listen)
     }
 
-    /// Send a signal to the shim.
+    /// Send a signal to the shim. Fails once it has been waited for: its
+    /// pid may belong to some other process by then.
     pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
-        send_signal(self.pid, signal)
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .context("the shim has exited and been waited for")?;
+        send_signal(pid, signal)
     }
 
     /// Has it exited? (Reaps it if so.)
