@@ -295,6 +295,8 @@ pub struct Machine {
     pods: HashMap<PodId, Pod>,
     containers: HashMap<ContainerId, Container>,
     held: HashMap<CallId, Held>,
+    /// The time of the last event: deadlines up to it have been acted on.
+    last_now: Option<Instant>,
 }
 
 impl Machine {
@@ -426,9 +428,16 @@ impl Machine {
     }
 
     /// The earliest time at which a [`Event::Tick`] may change something.
+    /// Deadlines that had passed at the last event were acted on then and
+    /// are not reported again.
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
-        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        let seen = self.last_now;
+        let mut at = |t: Instant| {
+            if seen.is_none_or(|s| t > s) {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
         for h in self.held.values() {
             match h {
                 Held::Start { deadline, .. } | Held::StopPod { deadline, .. } => at(*deadline),
@@ -497,6 +506,7 @@ impl Machine {
 
     /// Feed one event; returns what to do.
     pub fn handle(&mut self, now: Instant, event: Event) -> Vec<Action> {
+        self.last_now = Some(self.last_now.map_or(now, |t| t.max(now)));
         let mut out = Vec::new();
         let pod = self.apply(now, event, &mut out);
         match pod {

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::machine::{Action, CallId, Event, Machine, Settings, StatusOverride};
 use super::probe;
-use super::spec::{self, Defaults, PodSpec};
+use super::spec::{self, Defaults, PodSpec, ReadyCheck};
 use crate::proxy::{CallFuture, Interceptor, LocalCall};
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
@@ -32,8 +32,11 @@ const RUNTIME: &str = "/runtime.v1.RuntimeService/";
 /// How often the exits of watched containers are polled (the runtime's
 /// GetContainerEvents stream is not implemented by containerd 1.6).
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
-/// How often a sidecar's readiness is checked until it passes.
-const PROBE_INTERVAL: Duration = Duration::from_millis(25);
+/// How often a sidecar's readiness is checked until it passes: TCP and HTTP
+/// checks are a connect on loopback (about 0.2 ms with the thread that enters
+/// the pod's network namespace); exec and running checks are runtime calls.
+const PROBE_INTERVAL_NET: Duration = Duration::from_millis(10);
+const PROBE_INTERVAL_RUNTIME: Duration = Duration::from_millis(50);
 
 /// The methods the lifecycle looks at. `Always`: every call (they carry what
 /// tells managed pods apart). `Managed`: only while some pod has a sidecar
@@ -87,6 +90,12 @@ struct Inner {
     netns: Mutex<HashMap<String, Option<PathBuf>>>,
     /// The instant that corresponds to `epoch` (for timestamps in overrides).
     epoch: (Instant, SystemTime),
+    /// When a container the shim never started came to read as exited
+    /// (nanoseconds since the Unix epoch), by container id: its started_at
+    /// and finished_at must not move between reads, since kubelet measures
+    /// the crash-loop backoff from finished_at (a finished_at that is always
+    /// "now" keeps the container in backoff until the entry expires).
+    never_started_at: Mutex<HashMap<String, i64>>,
 }
 
 enum Decision {
@@ -133,6 +142,7 @@ impl Lifecycle {
             probing: Mutex::default(),
             netns: Mutex::default(),
             epoch: (Instant::now(), SystemTime::now()),
+            never_started_at: Mutex::default(),
         });
         tokio::spawn(driver(inner.clone()));
         Lifecycle { inner }
@@ -427,7 +437,10 @@ impl Inner {
                 r
             }
             Decision::Answer(Ok(())) => Ok(encode(&cri::StartContainerResponse {})),
-            Decision::Answer(Err(msg)) => Err(tonic::Status::failed_precondition(msg)),
+            Decision::Answer(Err(msg)) => {
+                self.mark_never_started(&req.container_id);
+                Err(tonic::Status::failed_precondition(msg))
+            }
         }
     }
 
@@ -456,7 +469,10 @@ impl Inner {
                 };
                 self.forward(&call, encode(&req)).await
             }
-            Decision::Answer(Ok(())) => return Ok(encode(&cri::StopContainerResponse {})),
+            Decision::Answer(Ok(())) => {
+                self.mark_never_started(&req.container_id);
+                return Ok(encode(&cri::StopContainerResponse {}));
+            }
             Decision::Answer(Err(msg)) => return Err(tonic::Status::failed_precondition(msg)),
         };
         self.observe_exit(&req.container_id).await;
@@ -515,6 +531,7 @@ impl Inner {
     async fn remove_container(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
         let req: cri::RemoveContainerRequest = decode(&call.message)?;
         let r = self.forward(&call, call.message.clone()).await?;
+        lock(&self.never_started_at).remove(&req.container_id);
         if lock(&self.machine).knows(&req.container_id) {
             self.feed(Event::ContainerRemoved {
                 container: req.container_id,
@@ -533,6 +550,8 @@ impl Inner {
             self.feed(Event::PodRemoved {
                 pod: req.pod_sandbox_id,
             });
+            let m = lock(&self.machine);
+            lock(&self.never_started_at).retain(|id, _| m.knows(id));
         }
         Ok(r)
     }
@@ -547,6 +566,26 @@ impl Inner {
         wall.duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0)
+    }
+
+    /// When the container came to read as never started: the first time
+    /// this is asked (the shim refused or cancelled its start, or kubelet
+    /// first read it after its deferred start timed out), the same after.
+    fn never_started_nanos(&self, id: &str) -> i64 {
+        *lock(&self.never_started_at)
+            .entry(id.to_string())
+            .or_insert_with(|| self.nanos(Instant::now()))
+    }
+
+    /// Fix the time a container the shim will not start reads as exited.
+    fn mark_never_started(&self, id: &str) {
+        let never_started = matches!(
+            lock(&self.machine).status_override(id),
+            Some(StatusOverride::Exited { .. })
+        );
+        if never_started {
+            self.never_started_nanos(id);
+        }
     }
 
     fn patch_status(&self, s: &mut cri::ContainerStatus) {
@@ -564,12 +603,12 @@ impl Inner {
                 if s.state != cri::ContainerState::ContainerExited as i32 {
                     // Never started: kubelet must not take it for CREATED.
                     s.state = cri::ContainerState::ContainerExited as i32;
-                    let now = self.nanos(Instant::now());
+                    let at = self.never_started_nanos(&s.id);
                     if s.started_at == 0 {
-                        s.started_at = now;
+                        s.started_at = at;
                     }
                     if s.finished_at == 0 {
-                        s.finished_at = now;
+                        s.finished_at = at;
                     }
                 }
                 s.exit_code = code;
@@ -681,6 +720,8 @@ async fn driver(me: Arc<Inner>) {
         let now = Instant::now();
         if deadline.is_some_and(|d| d <= now) {
             me.feed(Event::Tick);
+            // Never monopolise the (single-threaded) runtime.
+            tokio::task::yield_now().await;
             continue;
         }
         let wait = deadline
@@ -742,7 +783,11 @@ async fn probe_loop(me: Arc<Inner>, container: String, pod: String) {
                 }
             }
         }
-        tokio::time::sleep(PROBE_INTERVAL).await;
+        tokio::time::sleep(match check {
+            ReadyCheck::Tcp { .. } | ReadyCheck::Http { .. } => PROBE_INTERVAL_NET,
+            _ => PROBE_INTERVAL_RUNTIME,
+        })
+        .await;
     }
     lock(&me.probing).remove(&key);
     me.wake.notify_one();
