@@ -67,6 +67,29 @@ async fn startup(kubelet: &Kubelet, dir: &Path, i: usize) -> anyhow::Result<f64>
     Ok(start - ready)
 }
 
+/// Baseline, straight to containerd: from kubelet sending StartContainer to
+/// the container's first command. This is the runtime's own share of "ready
+/// → start", which no proxy can remove.
+async fn runtime_start(kubelet: &Kubelet, dir: &Path, i: usize) -> anyhow::Result<f64> {
+    let shared = dir.join(format!("base-{i}"));
+    std::fs::create_dir_all(&shared)?;
+    let pod = PodDef::new(&format!("base-{i}")).container(
+        ContainerDef::new(
+            "app",
+            sh("cat /proc/uptime > /shared/start; exec sleep 1000"),
+        )
+        .mount(&shared, "/shared"),
+    );
+    let handle = kubelet.run_pod(pod).await?;
+    let start = wait_file(&shared.join("start")).await?;
+    let sent = handle
+        .first_call("StartContainer", Some("app"))
+        .ok_or_else(|| anyhow::anyhow!("no StartContainer recorded"))?
+        .start;
+    handle.delete(Some(Duration::from_secs(2))).await?;
+    Ok(start - kubelet::uptime_at(sent))
+}
+
 /// One Job pod: the main exits after ~0.5 s; the sidecar records SIGTERM.
 async fn job(kubelet: &Kubelet, dir: &Path, i: usize) -> anyhow::Result<f64> {
     let shared = dir.join(format!("job-{i}"));
@@ -117,16 +140,25 @@ fn main() -> anyhow::Result<()> {
         let listen = containerd.dir().join("shim.sock");
         let shim = ShimProcess::start(&listen, containerd.socket(), &[]).await?;
         let config = KubeletConfig { initial_backoff: Duration::from_secs(1), ..KubeletConfig::default() };
-        let kubelet = Arc::new(Kubelet::with_config(&listen, &containerd.pod_log_root(), config));
+        let kubelet = Arc::new(Kubelet::with_config(&listen, &containerd.pod_log_root(), config.clone()));
+        let direct = Arc::new(Kubelet::with_config(containerd.socket(), &containerd.pod_log_root(), config.clone()));
         let dir = containerd.dir().join("bench");
-        for (name, which) in [("sidecar ready -> app start", 0), ("last normal exit -> sidecar SIGTERM", 1)] {
+        for (name, which) in [
+            ("sidecar ready -> app start", 0),
+            ("  baseline, no shim: StartContainer -> first command", 2),
+            ("last normal exit -> sidecar SIGTERM", 1),
+        ] {
             let mut samples = Vec::new();
             for chunk in (0..pods).collect::<Vec<_>>().chunks(parallel) {
                 let mut tasks = Vec::new();
                 for &i in chunk {
-                    let (k, d) = (kubelet.clone(), dir.clone());
+                    let (k, d) = (if which == 2 { direct.clone() } else { kubelet.clone() }, dir.clone());
                     tasks.push(tokio::spawn(async move {
-                        if which == 0 { startup(&k, &d, i).await } else { job(&k, &d, i).await }
+                        match which {
+                            0 => startup(&k, &d, i).await,
+                            1 => job(&k, &d, i).await,
+                            _ => runtime_start(&k, &d, i).await,
+                        }
                     }));
                 }
                 for t in tasks {
@@ -136,7 +168,7 @@ fn main() -> anyhow::Result<()> {
             let ms: Vec<f64> = samples.iter().map(|s| s * 1000.0).collect();
             let (mut a, mut b, mut c) = (ms.clone(), ms.clone(), ms.clone());
             println!(
-                "{name:<38} pods {:>3}  p50 {:>6.0} ms  p95 {:>6.0} ms  max {:>6.0} ms  (clock: /proc/uptime, 10 ms steps)",
+                "{name:<52} pods {:>3}  p50 {:>6.0} ms  p95 {:>6.0} ms  max {:>6.0} ms  (clock: /proc/uptime, 10 ms steps)",
                 ms.len(),
                 pct(&mut a, 0.5),
                 pct(&mut b, 0.95),
