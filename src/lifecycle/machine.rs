@@ -60,6 +60,11 @@ pub struct Settings {
     pub settle: Duration,
     /// Held calls are answered this long before the client's deadline.
     pub answer_margin: Duration,
+    /// When a held sidecar stop's grace runs out, the normal containers
+    /// still running are being SIGKILLed by the runtime at that very moment
+    /// (their stops arrived together): wait this much longer for their exits
+    /// to show, so that the sidecar's signal comes after them.
+    pub grace_slack: Duration,
 }
 
 impl Default for Settings {
@@ -72,6 +77,7 @@ impl Default for Settings {
             failed_exit_window: Duration::from_secs(30),
             settle: Duration::from_secs(1),
             answer_margin: Duration::from_secs(2),
+            grace_slack: Duration::from_secs(1),
         }
     }
 }
@@ -447,7 +453,7 @@ impl Machine {
                     timeout,
                     answer_by,
                 } => {
-                    at(*arrived + *timeout);
+                    at(*arrived + *timeout + self.settings.grace_slack);
                     if let Some(a) = answer_by {
                         at(*a);
                     }
@@ -467,7 +473,7 @@ impl Machine {
                         .get(container)
                         .and_then(|c| self.pods.get(&c.pod))
                     {
-                        at(*arrived + pod.grace);
+                        at(*arrived + pod.grace + self.settings.grace_slack);
                         if pod.terminating.is_none() && !pod.job_done {
                             at(*arrived + self.evidence_window(pod));
                         }
@@ -1167,7 +1173,8 @@ impl Machine {
             .collect();
         for (call, id, arrived, timeout, answer_by) in held {
             let limit = timeout.unwrap_or(grace);
-            let out_of_grace = now >= arrived + limit || answer_by.is_some_and(|a| now >= a);
+            let out_of_grace = now >= arrived + limit + self.settings.grace_slack
+                || answer_by.is_some_and(|a| now >= a);
             let not_shutdown = !shutting_down && now >= arrived + window;
             let exited = self.containers.get(&id).is_some_and(|c| !c.running());
             let release = exited || may_stop(&id) || out_of_grace || not_shutdown;

@@ -471,7 +471,7 @@ proptest! {
                 if let Some((id, held)) = stopped {
                     if deleting && is_sidecar(&name_of(&id)) {
                         let normal_running = running.iter().any(|(cid, r)| *r && !is_sidecar(&name_of(cid)));
-                        let grace_out = held.is_some_and(|(arrived, t)| w.now >= arrived + t);
+                        let grace_out = held.is_some_and(|(arrived, t)| w.now >= arrived + t + Duration::from_secs(1));
                         prop_assert!(!normal_running || grace_out, "sidecar {id} stopped while a normal container runs");
                     }
                     if running.get(&id).copied().unwrap_or(false) {
