@@ -194,8 +194,15 @@ pub struct Note {
 pub enum StatusOverride {
     /// Deferred: reads as running since the deferral.
     Running { since: Instant },
-    /// Never started (or stopped by the shim): reads as exited.
+    /// Never started: reads as exited.
     Exited {
+        code: i32,
+        reason: String,
+        message: String,
+    },
+    /// Stopped by the shim: once the runtime reports it exited, it reads as
+    /// exited with this code and reason.
+    IfExited {
         code: i32,
         reason: String,
         message: String,
@@ -347,8 +354,10 @@ impl Machine {
                 reason: reason.to_string(),
                 message: message.clone(),
             }),
-            State::Exited { .. } if c.stopped_by_shim && self.settings.rewrite_exit_code => {
-                Some(StatusOverride::Exited {
+            // From the moment the shim sends its stop: kubelet may read the
+            // exit before the shim has noticed it.
+            _ if c.stopped_by_shim && self.settings.rewrite_exit_code => {
+                Some(StatusOverride::IfExited {
                     code: 0,
                     reason: "Completed".into(),
                     message: "stopped by sidecar-shim after the pod's normal containers finished"

@@ -615,6 +615,17 @@ impl Inner {
                 s.reason = reason;
                 s.message = message;
             }
+            Some(StatusOverride::IfExited {
+                code,
+                reason,
+                message,
+            }) => {
+                if s.state == cri::ContainerState::ContainerExited as i32 {
+                    s.exit_code = code;
+                    s.reason = reason;
+                    s.message = message;
+                }
+            }
             None => {}
         }
     }
@@ -627,7 +638,7 @@ impl Inner {
             Some(StatusOverride::Exited { .. }) => {
                 *state = cri::ContainerState::ContainerExited as i32
             }
-            None => {}
+            Some(StatusOverride::IfExited { .. }) | None => {}
         }
     }
 

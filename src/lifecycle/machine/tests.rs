@@ -231,7 +231,7 @@ fn job_completion_stops_sidecars_in_reverse_and_rewrites_exit() {
     );
     assert!(matches!(
         w.m.status_override(&b),
-        Some(StatusOverride::Exited { code: 0, .. })
+        Some(StatusOverride::IfExited { code: 0, .. })
     ));
 }
 
