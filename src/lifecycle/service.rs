@@ -619,14 +619,12 @@ impl Inner {
                 code,
                 reason,
                 message,
-            }) => {
-                if s.state == cri::ContainerState::ContainerExited as i32 {
-                    s.exit_code = code;
-                    s.reason = reason;
-                    s.message = message;
-                }
+            }) if s.state == cri::ContainerState::ContainerExited as i32 => {
+                s.exit_code = code;
+                s.reason = reason;
+                s.message = message;
             }
-            None => {}
+            Some(StatusOverride::IfExited { .. }) | None => {}
         }
     }
 
