@@ -499,3 +499,70 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn stop_pod_sandbox_with_running_containers_tears_down_in_order() {
+    let mut w = World::new(spec(&["a", "b"], Restart::Default, OnReadyTimeout::Fail));
+    for s in ["a", "b"] {
+        let id = w.create(s);
+        w.start(s);
+        w.feed(Event::StartDone {
+            container: id.clone(),
+            ok: true,
+        });
+        w.feed(Event::Ready { container: id });
+    }
+    let app = w.create("app");
+    w.start("app");
+    w.feed(Event::StartDone {
+        container: app.clone(),
+        ok: true,
+    });
+    let call = w.call();
+    let out = w.feed(Event::StopPodCalled {
+        call,
+        pod: "pod".into(),
+        deadline: None,
+    });
+    // The app first; no sidecar yet, and the sandbox call waits.
+    assert!(
+        out.iter()
+            .any(|x| matches!(x, Action::Stop { container, .. } if *container == app)),
+        "{out:?}"
+    );
+    assert!(!out
+        .iter()
+        .any(|x| matches!(x, Action::Stop { container, .. } if *container != app)));
+    assert!(!out.contains(&Action::Forward(call)));
+    let (a, b) = (w.ids["a"].clone(), w.ids["b"].clone());
+    let out = w.feed(Event::Exited {
+        container: app,
+        code: 0,
+    });
+    assert!(
+        out.iter()
+            .any(|x| matches!(x, Action::Stop { container, .. } if *container == b)),
+        "{out:?}"
+    );
+    assert!(!out
+        .iter()
+        .any(|x| matches!(x, Action::Stop { container, .. } if *container == a)));
+    let out = w.feed(Event::Exited {
+        container: b,
+        code: 143,
+    });
+    assert!(
+        out.iter()
+            .any(|x| matches!(x, Action::Stop { container, .. } if *container == a)),
+        "{out:?}"
+    );
+    assert!(!out.contains(&Action::Forward(call)));
+    let out = w.feed(Event::Exited {
+        container: a,
+        code: 143,
+    });
+    assert!(
+        out.contains(&Action::Forward(call)),
+        "sandbox stop forwarded last: {out:?}"
+    );
+}
