@@ -5,5 +5,6 @@ pub mod config;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;
+pub mod notify;
 pub mod proxy;
 pub mod signal;

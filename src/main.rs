@@ -65,6 +65,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // another process is serving it.
     let socket = listener::bind(&config.listen)?;
     tracing::info!(path = %socket.path().display(), "listening for CRI requests");
+    sidecar_shim::notify::ready();
     let (listener, guard) = socket.split();
 
     let lifecycle = sidecar_shim::lifecycle::service::Lifecycle::new(
