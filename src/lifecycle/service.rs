@@ -20,7 +20,7 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use prost::Message;
 use tokio::sync::{oneshot, Notify};
 use tonic::transport::{Channel, Endpoint, Uri};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::machine::{Action, CallId, Event, Machine, Settings, StatusOverride};
 use super::probe;
@@ -164,27 +164,54 @@ impl Interceptor for Lifecycle {
 
     fn call(&self, call: LocalCall) -> CallFuture {
         let inner = self.inner.clone();
-        Box::pin(async move {
-            let name = call
-                .method
-                .strip_prefix(RUNTIME)
-                .unwrap_or_default()
-                .to_string();
-            match name.as_str() {
-                "CreateContainer" => inner.create_container(call).await,
-                "StartContainer" => inner.start_container(call).await,
-                "StopContainer" => inner.stop_container(call).await,
-                "ExecSync" => inner.exec_sync(call).await,
-                "Exec" => inner.exec(call).await,
-                "StopPodSandbox" => inner.stop_pod_sandbox(call).await,
-                "RemoveContainer" => inner.remove_container(call).await,
-                "RemovePodSandbox" => inner.remove_pod_sandbox(call).await,
-                "ContainerStatus" => inner.container_status(call).await,
-                "ListContainers" => inner.list_containers(call).await,
-                "PodSandboxStatus" => inner.pod_sandbox_status(call).await,
-                _ => inner.forward(&call, call.message.clone()).await,
+        let name = call
+            .method
+            .strip_prefix(RUNTIME)
+            .unwrap_or_default()
+            .to_string();
+        // Every intercepted call's request starts with the id it is about.
+        let id = match name.as_str() {
+            "ListContainers" => String::new(),
+            _ => FirstId::decode(call.message.clone())
+                .map(|f| f.id)
+                .unwrap_or_default(),
+        };
+        let about_pod = matches!(
+            name.as_str(),
+            "CreateContainer" | "StopPodSandbox" | "RemovePodSandbox" | "PodSandboxStatus"
+        );
+        let span = tracing::debug_span!(
+            "cri",
+            rpc.method = %name,
+            pod.id = if about_pod { id.as_str() } else { "" },
+            container.id = if about_pod { "" } else { id.as_str() },
+        );
+        Box::pin(
+            async move {
+                let started = Instant::now();
+                let result = match name.as_str() {
+                    "CreateContainer" => inner.create_container(call).await,
+                    "StartContainer" => inner.start_container(call).await,
+                    "StopContainer" => inner.stop_container(call).await,
+                    "ExecSync" => inner.exec_sync(call).await,
+                    "Exec" => inner.exec(call).await,
+                    "StopPodSandbox" => inner.stop_pod_sandbox(call).await,
+                    "RemoveContainer" => inner.remove_container(call).await,
+                    "RemovePodSandbox" => inner.remove_pod_sandbox(call).await,
+                    "ContainerStatus" => inner.container_status(call).await,
+                    "ListContainers" => inner.list_containers(call).await,
+                    "PodSandboxStatus" => inner.pod_sandbox_status(call).await,
+                    _ => inner.forward(&call, call.message.clone()).await,
+                };
+                debug!(
+                    latency_us = started.elapsed().as_micros() as u64,
+                    code = ?result.as_ref().err().map(|s| s.code()),
+                    "intercepted call"
+                );
+                result
             }
-        })
+            .instrument(span),
+        )
     }
 }
 
@@ -813,6 +840,13 @@ async fn watch_loop(me: Arc<Inner>, container: String) {
     }
     lock(&me.probing).remove(&key);
     me.wake.notify_one();
+}
+
+/// The first field of a request: the container or sandbox id it is about.
+#[derive(Clone, PartialEq, prost::Message)]
+struct FirstId {
+    #[prost(string, tag = "1")]
+    id: String,
 }
 
 /// A codec that passes message bytes through untouched.
