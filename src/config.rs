@@ -16,7 +16,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Deserializer};
 
 /// Default path of the socket kubelet connects to.
@@ -46,9 +46,14 @@ when unset the filter is \"info\". Logs go to stderr.";
     name = "sidecar-shim",
     version,
     about = "A CRI proxy between kubelet and containerd that gives sidecar containers a lifecycle",
-    after_help = AFTER_HELP
+    after_help = AFTER_HELP,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    /// Without a command, the daemon runs with the flags below.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Read settings from this TOML file; flags given on the command line override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -71,6 +76,46 @@ pub struct Cli {
     /// [default: 10s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
+}
+
+/// The commands besides running the daemon.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Check Kubernetes manifests: report how the shim will treat each pod
+    /// template and what is wrong with its sidecar annotations.
+    ///
+    /// Reads YAML (one or several documents) with Pods, Deployments, Jobs,
+    /// CronJobs, StatefulSets, DaemonSets, ReplicaSets and Lists of them.
+    /// Exits 1 when any finding is an error, 0 otherwise (warnings do not
+    /// fail), 2 when the file or the --config file cannot be read.
+    Check(CheckArgs),
+}
+
+/// Arguments of `sidecar-shim check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Manifest file to check; - reads standard input
+    #[arg(value_name = "FILE|-")]
+    pub file: PathBuf,
+
+    /// Report format
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    pub output: OutputFormat,
+
+    /// Take the defaults (ready_timeout, on_ready_timeout, failed_exit_window) from this
+    /// node's config file, as the daemon would
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// Output format of `sidecar-shim check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum OutputFormat {
+    /// A readable report.
+    #[default]
+    Text,
+    /// One JSON object, for machines.
+    Json,
 }
 
 /// How log lines are written.

@@ -3,16 +3,21 @@
 //!
 //! Exit codes: 0 after a clean shutdown, 1 when startup or serving fails,
 //! 2 for a bad command line or config file.
+//! `sidecar-shim check` (see `sidecar_shim::check`) exits 0 when the manifests
+//! have no errors, 1 when they have, 2 when its input cannot be read.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use sidecar_shim::config::{Cli, Config};
+use sidecar_shim::config::{Cli, Command, Config};
 use sidecar_shim::{listener, logging, proxy, signal};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Check(args)) = &cli.command {
+        return sidecar_shim::check::run(args);
+    }
     let config = match Config::from_cli(&cli) {
         Ok(config) => config,
         Err(e) => {
