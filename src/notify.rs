@@ -4,10 +4,9 @@
 //! to a datagram socket: a path, or an abstract name written with a leading
 //! `@`. The shim sends `READY=1` there once its CRI socket listens, so
 //! `systemctl start` (and `Before=kubelet.service`) wait until kubelet can
-//! connect, and `STOPPING=1` when a shutdown signal arrives. Without
-//! `$NOTIFY_SOCKET` (started by hand, in tests) nothing is sent. A failure
-//! to notify is logged and otherwise ignored: systemd then reports the start
-//! as timed out, which is the visible symptom to look at.
+//! connect. Without `$NOTIFY_SOCKET` (started by hand, in tests) nothing is
+//! sent. A failure to notify is logged and otherwise ignored: systemd then
+//! reports the start as timed out, which is the visible symptom to look at.
 
 use std::io;
 use std::os::unix::net::UnixDatagram;
@@ -63,10 +62,13 @@ fn send_abstract(_socket: &UnixDatagram, name: &str, _state: &str) -> io::Result
     ))
 }
 
-/// Tells systemd the service is ready (`READY=1` with the pid and a status
-/// line), and — when running under systemd — spawns a task on the current
-/// tokio runtime that sends `STOPPING=1` on the first SIGTERM or SIGINT.
-/// Call it once the CRI socket listens, from inside the runtime.
+/// Tells systemd the service is ready: `READY=1` with the pid and a status
+/// line. Call it once the CRI socket listens.
+///
+/// No `STOPPING=1` is sent at shutdown: systemd knows it sent SIGTERM, and
+/// catching the signal here would need a second handler racing the proxy's
+/// own (installed a moment after this call: a SIGTERM in between would be
+/// swallowed and the shim would never stop).
 pub fn ready() {
     let state = format!(
         "READY=1\nMAINPID={}\nSTATUS=listening for CRI requests",
@@ -74,33 +76,8 @@ pub fn ready() {
     );
     match notify(&state) {
         Ok(false) => {}
-        Ok(true) => {
-            tracing::debug!("notified systemd: READY=1");
-            if tokio::runtime::Handle::try_current().is_ok() {
-                tokio::spawn(stopping_on_signal());
-            }
-        }
+        Ok(true) => tracing::debug!("notified systemd: READY=1"),
         Err(e) => tracing::warn!(error = %e, "cannot notify systemd (READY=1)"),
-    }
-}
-
-/// Waits for SIGTERM or SIGINT (alongside the proxy's own handlers, which
-/// do the actual shutdown) and sends `STOPPING=1`.
-async fn stopping_on_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    let state = "STOPPING=1\nSTATUS=draining CRI connections";
-    if let Err(e) = notify(state) {
-        tracing::debug!(error = %e, "cannot notify systemd (STOPPING=1)");
     }
 }
 
