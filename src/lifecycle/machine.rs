@@ -884,20 +884,28 @@ impl Machine {
         latest
     }
 
-    /// Are the sidecars this container needs running and ready? If not, the
-    /// first one that does not exist (no live attempt) yet.
-    fn required_ready(&self, container: &str) -> (bool, Option<String>) {
-        let Some(c) = self.containers.get(container) else {
-            return (true, None);
-        };
-        let Some(pod) = self.pods.get(&c.pod) else {
-            return (true, None);
-        };
+    /// The sidecars a container needs before it may start, with the latest
+    /// attempt of each container name of its pod.
+    #[allow(clippy::type_complexity)]
+    fn needed(
+        &self,
+        container: &str,
+    ) -> Option<(&[String], HashMap<&str, (&ContainerId, &Container)>)> {
+        let c = self.containers.get(container)?;
+        let pod = self.pods.get(&c.pod)?;
         let needed: &[String] = match c.role {
             Role::Sidecar(i) => &pod.spec.sidecars[..i],
             Role::Normal => &pod.spec.sidecars,
         };
-        let latest = self.latest(&c.pod);
+        Some((needed, self.latest(&c.pod)))
+    }
+
+    /// Are the sidecars this container needs running and ready? If not, the
+    /// first one that does not exist (no live attempt) yet.
+    fn required_ready(&self, container: &str) -> (bool, Option<String>) {
+        let Some((needed, latest)) = self.needed(container) else {
+            return (true, None);
+        };
         let mut all_ready = true;
         for name in needed {
             match latest.get(name.as_str()) {
@@ -911,17 +919,9 @@ impl Machine {
 
     /// The sidecar a waiting container still waits for, for messages.
     fn waiting_for(&self, container: &str) -> String {
-        let Some(c) = self.containers.get(container) else {
+        let Some((needed, latest)) = self.needed(container) else {
             return String::new();
         };
-        let Some(pod) = self.pods.get(&c.pod) else {
-            return String::new();
-        };
-        let needed: &[String] = match c.role {
-            Role::Sidecar(i) => &pod.spec.sidecars[..i],
-            Role::Normal => &pod.spec.sidecars,
-        };
-        let latest = self.latest(&c.pod);
         needed
             .iter()
             .find(|n| !matches!(latest.get(n.as_str()), Some((_, s)) if s.state == State::Running && s.ready))
