@@ -278,8 +278,13 @@ impl Inner {
         let actions = {
             let mut m = lock(&self.machine);
             let actions = m.handle(Instant::now(), event);
-            self.managed
-                .store(m.held_calls() > 0 || m.knows_any(), Ordering::Relaxed);
+            // Pods whose annotations were rejected keep RemovePodSandbox
+            // coming by, so that their entry is forgotten with them.
+            let rejected = !lock(&self.rejected).is_empty();
+            self.managed.store(
+                m.held_calls() > 0 || m.knows_any() || rejected,
+                Ordering::Relaxed,
+            );
             self.rewrites.store(m.rewrites_active(), Ordering::Relaxed);
             actions
         };
@@ -405,6 +410,7 @@ impl Inner {
             Err(e) => {
                 if lock(&self.rejected).insert(pod_id.to_string()) {
                     warn!(pod = %name, pod.id = %pod_id, error = %e, "annotation rejected: the pod's calls are forwarded untouched");
+                    self.managed.store(true, Ordering::Relaxed);
                 }
                 None
             }
