@@ -90,8 +90,12 @@ pub struct SidecarReport {
     pub name: String,
     /// The readiness check, as the annotation value that gives it.
     pub ready: String,
-    /// `annotation` or `default`.
+    /// `annotation`, `preset` or `default`.
     pub ready_source: &'static str,
+    /// The mesh preset that made it a sidecar (`istio`, `linkerd`), when no
+    /// `sidecar-shim.io/sidecars` annotation lists the pod's sidecars.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<&'static str>,
 }
 
 /// A value and where it came from.
@@ -471,6 +475,23 @@ fn check_template(template: &Value, job: bool, d: &Defaults) -> PodReport {
         }
     };
     report.managed = true;
+    let presets = spec::applied_presets(&annotations, d);
+    for p in &presets {
+        report.findings.push(
+            Finding::new(
+                Severity::Info,
+                "preset",
+                format!(
+                    "no {SIDECARS} annotation, but {} is set: sidecar {} comes from the {} mesh \
+                     preset enabled in the config file",
+                    p.marker(),
+                    p.container(),
+                    p.name()
+                ),
+            )
+            .on(p.container()),
+        );
+    }
     for c in &mut report.containers {
         if let Some(i) = pod_spec.sidecar_index(&c.name) {
             c.role = "sidecar";
@@ -480,10 +501,18 @@ fn check_template(template: &Value, job: bool, d: &Defaults) -> PodReport {
     report.sidecars = pod_spec
         .sidecars
         .iter()
-        .map(|s| SidecarReport {
-            name: s.clone(),
-            ready: pod_spec.ready[s].to_string(),
-            ready_source: source(annotations.contains_key(&format!("{READY_PREFIX}{s}"))),
+        .map(|s| {
+            let preset = presets.iter().find(|p| p.container() == s);
+            let explicit = annotations.contains_key(&format!("{READY_PREFIX}{s}"));
+            SidecarReport {
+                name: s.clone(),
+                ready: pod_spec.ready[s].to_string(),
+                ready_source: match preset {
+                    Some(_) if !explicit => "preset",
+                    _ => source(explicit),
+                },
+                preset: preset.map(|p| p.name()),
+            }
         })
         .collect();
     report.ready_timeout = Some(Setting {
@@ -837,7 +866,14 @@ pub fn render_text(r: &Report) -> String {
             })
             .collect();
         if p.managed {
-            let sidecars: Vec<&str> = p.sidecars.iter().map(|s| s.name.as_str()).collect();
+            let sidecars: Vec<String> = p
+                .sidecars
+                .iter()
+                .map(|s| match s.preset {
+                    Some(preset) => format!("{} ({preset} preset)", s.name),
+                    None => s.name.clone(),
+                })
+                .collect();
             let _ = writeln!(o, "  sidecars in start order: {}", sidecars.join(", "));
         } else {
             let _ = writeln!(o, "  not managed by the shim");
@@ -1077,6 +1113,91 @@ spec:
                 "case {name}"
             );
         }
+    }
+
+    #[test]
+    fn mesh_presets() {
+        use crate::lifecycle::spec::Preset;
+        let yaml = pod(
+            "Deployment",
+            "sidecar.istio.io/status: '{}', linkerd.io/proxy-version: stable",
+            "containers: [{name: istio-proxy}, {name: linkerd-proxy}, {name: app}]",
+        );
+        // Off by default: the mesh annotations alone do nothing.
+        let r = run(&yaml);
+        assert_eq!(codes(&r), vec![(Severity::Info, "not-managed")]);
+
+        let on = Defaults {
+            presets: vec![Preset::Istio, Preset::Linkerd],
+            ..Defaults::default()
+        };
+        let r = check(&yaml, "test.yaml", &on);
+        assert!(!r.failed(), "{}", render_text(&r));
+        let p = &r.pods[0];
+        assert!(p.managed);
+        let got: Vec<(&str, &str, &str, Option<&str>)> = p
+            .sidecars
+            .iter()
+            .map(|s| (s.name.as_str(), s.ready.as_str(), s.ready_source, s.preset))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "istio-proxy",
+                    "http://:15021/healthz/ready",
+                    "preset",
+                    Some("istio")
+                ),
+                (
+                    "linkerd-proxy",
+                    "http://:4191/ready",
+                    "preset",
+                    Some("linkerd")
+                ),
+            ]
+        );
+        assert_eq!(
+            codes(&r),
+            vec![(Severity::Info, "preset"), (Severity::Info, "preset")]
+        );
+        let text = render_text(&r);
+        assert!(
+            text.contains(
+                "sidecars in start order: istio-proxy (istio preset), linkerd-proxy (linkerd preset)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("comes from the istio mesh preset"), "{text}");
+        let v: Value = serde_json::from_str(&render_json(&r)).unwrap();
+        assert_eq!(v["pods"][0]["sidecars"][0]["preset"], "istio");
+
+        // An explicit check beats the preset's; the sidecar still comes from it.
+        let yaml = pod(
+            "Pod",
+            "sidecar.istio.io/status: '{}', sidecar-shim.io/ready.istio-proxy: 'tcp://:15090'",
+            "containers: [{name: istio-proxy}, {name: app}]",
+        );
+        let s = &check(&yaml, "test.yaml", &on).pods[0].sidecars[0];
+        assert_eq!(
+            (s.ready.as_str(), s.ready_source, s.preset),
+            ("tcp://:15090", "annotation", Some("istio"))
+        );
+
+        // An explicit sidecar list wins: no preset.
+        let yaml = pod(
+            "Pod",
+            "sidecar.istio.io/status: '{}', sidecar-shim.io/sidecars: istio-proxy",
+            "containers: [{name: istio-proxy}, {name: app}]",
+        );
+        let r = check(&yaml, "test.yaml", &on);
+        assert_eq!(codes(&r), vec![]);
+        let s = &r.pods[0].sidecars[0];
+        assert_eq!(
+            (s.ready.as_str(), s.ready_source, s.preset),
+            ("running", "default", None)
+        );
+        assert!(!render_json(&r).contains("\"preset\""));
     }
 
     #[test]

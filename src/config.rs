@@ -102,8 +102,8 @@ pub struct CheckArgs {
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub output: OutputFormat,
 
-    /// Take the defaults (ready_timeout, on_ready_timeout, failed_exit_window) from this
-    /// node's config file, as the daemon would
+    /// Take the defaults (ready_timeout, on_ready_timeout, failed_exit_window) and the
+    /// mesh presets from this node's config file, as the daemon would
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -180,6 +180,10 @@ pub struct LifecycleFile {
     /// Report sidecars the shim stopped (Job completion) as exited 0, Completed.
     #[serde(default)]
     pub rewrite_exit_code: Option<bool>,
+    /// Mesh presets to enable: `["istio", "linkerd"]`. An unknown name is
+    /// an error naming it.
+    #[serde(default)]
+    pub presets: Option<Vec<crate::lifecycle::spec::Preset>>,
 }
 
 /// `on_ready_timeout` in the config file.
@@ -199,6 +203,8 @@ pub struct LifecycleConfig {
     pub min_stop_grace: Duration,
     pub evidence_window: Duration,
     pub rewrite_exit_code: bool,
+    /// Enabled mesh presets (none by default).
+    pub presets: Vec<crate::lifecycle::spec::Preset>,
 }
 
 impl Default for LifecycleConfig {
@@ -212,6 +218,7 @@ impl Default for LifecycleConfig {
             min_stop_grace: s.min_stop_grace,
             evidence_window: s.evidence_window,
             rewrite_exit_code: s.rewrite_exit_code,
+            presets: d.presets,
         }
     }
 }
@@ -226,6 +233,7 @@ impl LifecycleConfig {
             min_stop_grace: file.min_stop_grace.unwrap_or(d.min_stop_grace),
             evidence_window: file.evidence_window.unwrap_or(d.evidence_window),
             rewrite_exit_code: file.rewrite_exit_code.unwrap_or(d.rewrite_exit_code),
+            presets: file.presets.unwrap_or(d.presets),
         }
     }
 
@@ -239,6 +247,7 @@ impl LifecycleConfig {
                 OnReadyTimeoutName::Start => OnReadyTimeout::Start,
             },
             failed_exit_window: self.failed_exit_window,
+            presets: self.presets.clone(),
         }
     }
 
@@ -778,6 +787,21 @@ mod tests {
                 "unknown variant `xml`",
             ),
             ("not toml", "listen = \n", "TOML parse error"),
+            (
+                "unknown preset",
+                "[lifecycle]\npresets = [\"istio\", \"consul\"]\n",
+                "unknown variant `consul`, expected `istio` or `linkerd`",
+            ),
+            (
+                "preset name case",
+                "[lifecycle]\npresets = [\"Istio\"]\n",
+                "unknown variant `Istio`",
+            ),
+            (
+                "presets not a list",
+                "[lifecycle]\npresets = \"istio\"\n",
+                "expected a sequence",
+            ),
         ];
         for (name, text, want) in cases {
             let err = FileConfig::parse(text, Path::new("etc/shim.toml")).expect_err(name);
@@ -792,6 +816,30 @@ mod tests {
             );
             assert!(msg.contains(want), "case {name}: {msg}");
         }
+    }
+
+    #[test]
+    fn mesh_presets() {
+        use crate::lifecycle::spec::Preset;
+        let cases: [(&str, Vec<Preset>); 5] = [
+            ("", vec![]),
+            ("[lifecycle]\n", vec![]),
+            ("[lifecycle]\npresets = []\n", vec![]),
+            (
+                "[lifecycle]\npresets = [\"istio\", \"linkerd\"]\n",
+                vec![Preset::Istio, Preset::Linkerd],
+            ),
+            (
+                "[lifecycle]\npresets = [\"linkerd\"]\n",
+                vec![Preset::Linkerd],
+            ),
+        ];
+        for (text, want) in cases {
+            let config = Config::merge(&cli(&[]), Some(file(text))).unwrap();
+            assert_eq!(config.lifecycle.presets, want, "{text:?}");
+            assert_eq!(config.lifecycle.defaults().presets, want, "{text:?}");
+        }
+        assert!(LifecycleConfig::default().defaults().presets.is_empty());
     }
 
     #[test]

@@ -232,6 +232,43 @@ fn config_defaults_apply() {
 }
 
 #[test]
+fn config_mesh_presets() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("istio.yaml");
+    std::fs::write(
+        &manifest,
+        "kind: Pod\nmetadata:\n  name: meshed\n  annotations: {sidecar.istio.io/status: '{}'}\n\
+         spec:\n  containers: [{name: istio-proxy}, {name: app}]\n",
+    )
+    .unwrap();
+    let manifest = manifest.to_str().unwrap();
+    let config = dir.path().join("shim.toml");
+
+    // Presets off: not managed.
+    let (code, out, _) = run(&["check", manifest]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("  not managed by the shim"), "{out}");
+
+    std::fs::write(&config, "[lifecycle]\npresets = [\"istio\"]\n").unwrap();
+    let (code, out, err) = run(&["check", "--config", config.to_str().unwrap(), manifest]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_lines(
+        &out,
+        &[
+            "  sidecars in start order: istio-proxy (istio preset)",
+            "  ready check istio-proxy: http://:15021/healthz/ready (preset)",
+        ],
+    );
+    assert!(out.contains("info[preset]"), "{out}");
+
+    // An unknown preset is a config error naming it.
+    std::fs::write(&config, "[lifecycle]\npresets = [\"consul\"]\n").unwrap();
+    let (code, out, err) = run(&["check", "--config", config.to_str().unwrap(), manifest]);
+    assert_eq!(code, 2, "{out}");
+    assert!(err.contains("unknown variant `consul`"), "{err}");
+}
+
+#[test]
 fn unreadable_input_and_bad_yaml() {
     let (code, out, err) = run(&["check", "tests/manifests/absent.yaml"]);
     assert_eq!(code, 2, "{out}");

@@ -8,11 +8,22 @@
 //!
 //! | annotation | value | default |
 //! |---|---|---|
-//! | `sidecar-shim.io/sidecars` | container names of the sidecars, comma separated, in start order: `istio-proxy,log-shipper` | absent: the pod is not managed |
+//! | `sidecar-shim.io/sidecars` | container names of the sidecars, comma separated, in start order: `istio-proxy,log-shipper` | absent: the pod is not managed, unless a [`Preset`] applies |
 //! | `sidecar-shim.io/ready.<container>` | that sidecar's readiness check: `running`, `tcp://:PORT`, `http://:PORT/PATH`, `exec:["cmd","arg"]` | `running` |
 //! | `sidecar-shim.io/restart-policy` | `Never`, `OnFailure` or `Always`, as in the pod spec (the CRI does not carry it) | see [`Restart`] |
 //! | `sidecar-shim.io/ready-timeout` | how long a container waits for its sidecars to be ready: `90s`, `500ms`, `2m`, `1m30s`; more than 0, at most 110s | [`Defaults::ready_timeout`] |
 //! | `sidecar-shim.io/on-ready-timeout` | `fail` (the container is not started) or `start` (it is started anyway) | [`Defaults::on_ready_timeout`] |
+//!
+//! Mesh presets ([`Preset`], off unless [`Defaults::presets`] lists them)
+//! manage pods that carry no `sidecar-shim.io/sidecars` annotation but were
+//! injected by a service mesh: a pod with Istio's `sidecar.istio.io/status`
+//! gets `istio-proxy` as its sidecar, ready on `http://:15021/healthz/ready`;
+//! a pod with Linkerd's `linkerd.io/proxy-version` gets `linkerd-proxy`,
+//! ready on `http://:4191/ready`; a pod with both gets both, Istio's first.
+//! Explicit annotations win: with `sidecar-shim.io/sidecars` set no preset
+//! applies, and when a preset applies the other `sidecar-shim.io/` keys work
+//! as usual on its sidecars (`sidecar-shim.io/ready.istio-proxy` replaces the
+//! preset's check).
 //!
 //! Everything is checked strictly: an unknown key under `sidecar-shim.io/` (a
 //! typo), a malformed value, a readiness check for a container that is not a
@@ -42,6 +53,81 @@ pub const RESTART_POLICY: &str = "sidecar-shim.io/restart-policy";
 pub const READY_TIMEOUT: &str = "sidecar-shim.io/ready-timeout";
 /// What happens when the ready timeout passes.
 pub const ON_READY_TIMEOUT: &str = "sidecar-shim.io/on-ready-timeout";
+
+/// A service mesh whose injected proxy the shim can manage without
+/// `sidecar-shim.io/` annotations, when the config file enables it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// `istio`: pods with `sidecar.istio.io/status` get `istio-proxy`.
+    Istio,
+    /// `linkerd`: pods with `linkerd.io/proxy-version` get `linkerd-proxy`.
+    Linkerd,
+}
+
+impl Preset {
+    /// Every preset, in the start order of their sidecars when several apply.
+    pub const ALL: [Preset; 2] = [Preset::Istio, Preset::Linkerd];
+
+    /// The name in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Istio => "istio",
+            Preset::Linkerd => "linkerd",
+        }
+    }
+
+    /// The pod annotation the mesh's injector sets, which makes the preset
+    /// apply.
+    pub fn marker(self) -> &'static str {
+        match self {
+            Preset::Istio => "sidecar.istio.io/status",
+            Preset::Linkerd => "linkerd.io/proxy-version",
+        }
+    }
+
+    /// The container name of the injected proxy.
+    pub fn container(self) -> &'static str {
+        match self {
+            Preset::Istio => "istio-proxy",
+            Preset::Linkerd => "linkerd-proxy",
+        }
+    }
+
+    /// The proxy's readiness check (its own readiness endpoint).
+    pub fn ready_check(self) -> ReadyCheck {
+        match self {
+            Preset::Istio => ReadyCheck::Http {
+                port: 15021,
+                path: "/healthz/ready".to_owned(),
+            },
+            Preset::Linkerd => ReadyCheck::Http {
+                port: 4191,
+                path: "/ready".to_owned(),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The presets that give this pod its sidecars, in start order (Istio
+/// first): those enabled in `defaults` whose marker annotation the pod has.
+/// Empty when the pod has a `sidecar-shim.io/sidecars` annotation, which
+/// always wins.
+pub fn applied_presets(annotations: &HashMap<String, String>, defaults: &Defaults) -> Vec<Preset> {
+    if annotations.contains_key(SIDECARS) {
+        return Vec::new();
+    }
+    Preset::ALL
+        .into_iter()
+        .filter(|p| defaults.presets.contains(p) && annotations.contains_key(p.marker()))
+        .collect()
+}
 
 /// The longest ready timeout a pod may ask for.
 ///
@@ -178,6 +264,8 @@ pub struct Defaults {
     /// its exit counts as terminal ([`Restart::JobDefault`]): 30 s, enough
     /// for kubelet's first crash-loop backoff (10 s) plus a sync.
     pub failed_exit_window: Duration,
+    /// The mesh presets enabled on this node: none.
+    pub presets: Vec<Preset>,
 }
 
 impl Default for Defaults {
@@ -186,6 +274,7 @@ impl Default for Defaults {
             ready_timeout: Duration::from_secs(90),
             on_ready_timeout: OnReadyTimeout::Fail,
             failed_exit_window: Duration::from_secs(30),
+            presets: Vec::new(),
         }
     }
 }
@@ -211,7 +300,7 @@ impl SpecError {
 
 /// The sidecar spec of a pod from its sandbox's annotations and labels:
 /// `Ok(None)` when the pod is not managed (no `sidecar-shim.io/` annotation
-/// at all). Errors are reported for the keys in sorted order, so the same
+/// at all, and no enabled [`Preset`] applies). Errors are reported for the keys in sorted order, so the same
 /// annotations always give the same error.
 pub fn parse(
     annotations: &HashMap<String, String>,
@@ -225,20 +314,32 @@ pub fn parse(
         .collect();
     ours.sort_unstable();
 
-    let Some(sidecars_value) = annotations.get(SIDECARS) else {
-        return match ours.first() {
-            None => Ok(None),
-            Some((key, value)) => Err(SpecError::new(
-                key,
-                value,
-                format!(
-                    "set but no {SIDECARS} annotation: list the pod's sidecar containers there"
-                ),
-            )),
-        };
+    let presets = applied_presets(annotations, defaults);
+    let (sidecars, listed_in) = match annotations.get(SIDECARS) {
+        Some(value) => (
+            parse_sidecars(value).map_err(|reason| SpecError::new(SIDECARS, value, reason))?,
+            format!("{SIDECARS} ({value:?})"),
+        ),
+        None if !presets.is_empty() => {
+            let names: Vec<&str> = presets.iter().map(|p| p.container()).collect();
+            (
+                names.iter().map(|n| (*n).to_owned()).collect(),
+                format!("the mesh presets ({:?})", names.join(",")),
+            )
+        }
+        None => {
+            return match ours.first() {
+                None => Ok(None),
+                Some((key, value)) => Err(SpecError::new(
+                    key,
+                    value,
+                    format!(
+                        "set but no {SIDECARS} annotation: list the pod's sidecar containers there"
+                    ),
+                )),
+            };
+        }
     };
-    let sidecars = parse_sidecars(sidecars_value)
-        .map_err(|reason| SpecError::new(SIDECARS, sidecars_value, reason))?;
 
     let mut ready = BTreeMap::new();
     let mut restart = None;
@@ -257,7 +358,7 @@ pub fn parse(
                     if !sidecars.iter().any(|s| s == container) {
                         return Err(err(format!(
                             "{container:?} is not a sidecar: a readiness check is only for \
-                             containers listed in {SIDECARS} ({sidecars_value:?})"
+                             containers listed in {listed_in}"
                         )));
                     }
                     ready.insert(container.to_owned(), parse_ready_check(value).map_err(err)?);
@@ -270,6 +371,12 @@ pub fn parse(
                 }
             },
         }
+    }
+    // An explicit ready.<container> annotation beats the preset's check.
+    for preset in &presets {
+        ready
+            .entry(preset.container().to_owned())
+            .or_insert_with(|| preset.ready_check());
     }
     for sidecar in &sidecars {
         ready.entry(sidecar.clone()).or_insert(ReadyCheck::Running);
@@ -560,12 +667,158 @@ mod tests {
             ready_timeout: Duration::from_secs(7),
             on_ready_timeout: OnReadyTimeout::Start,
             failed_exit_window: Duration::from_secs(1),
+            presets: Vec::new(),
         };
         let s = parse(&map(&[(SIDECARS, "proxy")]), &HashMap::new(), &custom)
             .unwrap()
             .unwrap();
         assert_eq!(s.ready_timeout, Duration::from_secs(7));
         assert_eq!(s.on_ready_timeout, OnReadyTimeout::Start);
+    }
+
+    #[test]
+    fn mesh_presets() {
+        const ISTIO: (&str, &str) = (
+            "sidecar.istio.io/status",
+            "{\"containers\":[\"istio-proxy\"]}",
+        );
+        const LINKERD: (&str, &str) = ("linkerd.io/proxy-version", "stable-2.14.10");
+        let istio_ready = || ReadyCheck::Http {
+            port: 15021,
+            path: "/healthz/ready".into(),
+        };
+        let linkerd_ready = || ReadyCheck::Http {
+            port: 4191,
+            path: "/ready".into(),
+        };
+        let both = vec![Preset::Linkerd, Preset::Istio];
+        type Case = (
+            &'static str,
+            Vec<Preset>,
+            Vec<(&'static str, &'static str)>,
+            Option<Vec<(&'static str, ReadyCheck)>>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "istio pod",
+                both.clone(),
+                vec![ISTIO, ("app", "web")],
+                Some(vec![("istio-proxy", istio_ready())]),
+            ),
+            (
+                "linkerd pod",
+                vec![Preset::Linkerd],
+                vec![LINKERD],
+                Some(vec![("linkerd-proxy", linkerd_ready())]),
+            ),
+            (
+                "both meshes: Istio's proxy first, whatever the config order",
+                both.clone(),
+                vec![LINKERD, ISTIO],
+                Some(vec![
+                    ("istio-proxy", istio_ready()),
+                    ("linkerd-proxy", linkerd_ready()),
+                ]),
+            ),
+            (
+                "both annotations, only linkerd enabled",
+                vec![Preset::Linkerd],
+                vec![LINKERD, ISTIO],
+                Some(vec![("linkerd-proxy", linkerd_ready())]),
+            ),
+            ("presets off: unmanaged", vec![], vec![ISTIO, LINKERD], None),
+            (
+                "istio preset enabled, linkerd pod: unmanaged",
+                vec![Preset::Istio],
+                vec![LINKERD],
+                None,
+            ),
+            (
+                "presets on, no mesh annotation",
+                both.clone(),
+                vec![("app", "web")],
+                None,
+            ),
+            (
+                "explicit sidecars win",
+                both.clone(),
+                vec![ISTIO, (SIDECARS, "log-shipper")],
+                Some(vec![("log-shipper", ReadyCheck::Running)]),
+            ),
+            (
+                "explicit sidecars naming the proxy get no preset check",
+                both.clone(),
+                vec![ISTIO, (SIDECARS, "istio-proxy")],
+                Some(vec![("istio-proxy", ReadyCheck::Running)]),
+            ),
+            (
+                "explicit ready check beats the preset's",
+                both.clone(),
+                vec![ISTIO, ("sidecar-shim.io/ready.istio-proxy", "tcp://:15090")],
+                Some(vec![("istio-proxy", ReadyCheck::Tcp { port: 15090 })]),
+            ),
+        ];
+        for (name, presets, pairs, want) in cases {
+            let defaults = Defaults {
+                presets,
+                ..Defaults::default()
+            };
+            let got = parse(&map(&pairs), &HashMap::new(), &defaults)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let want = want.map(|w| {
+                (
+                    w.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>(),
+                    w.into_iter()
+                        .map(|(n, c)| (n.to_string(), c))
+                        .collect::<BTreeMap<_, _>>(),
+                )
+            });
+            assert_eq!(got.map(|s| (s.sidecars, s.ready)), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn mesh_presets_with_other_keys() {
+        let defaults = Defaults {
+            presets: vec![Preset::Istio],
+            ..Defaults::default()
+        };
+        let a = map(&[
+            ("sidecar.istio.io/status", "{}"),
+            (RESTART_POLICY, "Never"),
+            (READY_TIMEOUT, "30s"),
+        ]);
+        let s = parse(&a, &HashMap::new(), &defaults).unwrap().unwrap();
+        assert_eq!(s.restart, Restart::Explicit(RestartPolicy::Never));
+        assert_eq!(s.ready_timeout, Duration::from_secs(30));
+        // Keys are still checked strictly, against the preset's sidecars.
+        let a = map(&[
+            ("sidecar.istio.io/status", "{}"),
+            ("sidecar-shim.io/ready.app", "running"),
+        ]);
+        let err = parse(&a, &HashMap::new(), &defaults).unwrap_err();
+        assert_eq!(err.key, "sidecar-shim.io/ready.app");
+        assert!(
+            err.reason.contains("mesh presets (\"istio-proxy\")"),
+            "{err}"
+        );
+        let a = map(&[("sidecar.istio.io/status", "{}"), (READY_TIMEOUT, "5m")]);
+        assert_eq!(
+            parse(&a, &HashMap::new(), &defaults).unwrap_err().key,
+            READY_TIMEOUT
+        );
+        // Without the preset the same keys are the usual error.
+        let err = parse(&a, &HashMap::new(), &Defaults::default()).unwrap_err();
+        assert!(err.reason.contains("set but no"), "{err}");
+        // Preset names and checks round trip through the config spelling.
+        for p in Preset::ALL {
+            let json = serde_json::to_string(&p).unwrap();
+            assert_eq!(json, format!("\"{}\"", p.name()));
+            assert_eq!(
+                parse_ready_check(&p.ready_check().to_string()),
+                Ok(p.ready_check())
+            );
+        }
     }
 
     #[test]
