@@ -65,6 +65,12 @@ pub struct Settings {
     /// (their stops arrived together): wait this much longer for their exits
     /// to show, so that the sidecar's signal comes after them.
     pub grace_slack: Duration,
+    /// The CRI does not tell init containers apart. A normal container whose
+    /// start is deferred (its sidecars do not exist yet) and after which
+    /// kubelet creates nothing for this long is an init container: kubelet
+    /// waits for it to finish before it creates the pod's regular containers
+    /// (sidecars among them). It is started at once and left alone.
+    pub init_window: Duration,
 }
 
 impl Default for Settings {
@@ -78,6 +84,7 @@ impl Default for Settings {
             settle: Duration::from_secs(1),
             answer_margin: Duration::from_secs(2),
             grace_slack: Duration::from_secs(1),
+            init_window: Duration::from_secs(2),
         }
     }
 }
@@ -213,6 +220,9 @@ pub enum StatusOverride {
 enum Role {
     Sidecar(usize),
     Normal,
+    /// Deferred while no container came after it: kubelet was waiting for it
+    /// to finish, so it is an init container (see [`Settings::init_window`]).
+    Init,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -222,6 +232,8 @@ enum State {
     Deferred {
         since: Instant,
         deadline: Instant,
+        /// The pod's creation count when the start was deferred.
+        creations: u64,
     },
     Starting,
     Running,
@@ -277,6 +289,8 @@ struct Pod {
     job_done: bool,
     /// kubelet's last create or start in this pod.
     last_activity: Instant,
+    /// How many containers kubelet created in this pod.
+    creations: u64,
 }
 
 #[derive(Debug)]
@@ -491,8 +505,20 @@ impl Machine {
             }
         }
         for c in self.containers.values() {
-            if let State::Deferred { deadline, .. } = c.state {
+            if let State::Deferred {
+                deadline,
+                since,
+                creations,
+            } = c.state
+            {
                 at(deadline);
+                let nothing_after = self
+                    .pods
+                    .get(&c.pod)
+                    .is_some_and(|p| p.creations == creations);
+                if c.role == Role::Normal && nothing_after {
+                    at(since + self.settings.init_window);
+                }
             }
         }
         for (id, pod) in &self.pods {
@@ -561,12 +587,14 @@ impl Machine {
                     terminating: None,
                     job_done: false,
                     last_activity: now,
+                    creations: 0,
                 });
                 p.spec = spec;
                 if let Some(g) = grace {
                     p.grace = g;
                 }
                 p.last_activity = now;
+                p.creations += 1;
                 if !p.containers.contains(&container) {
                     p.containers.push(container.clone());
                 }
@@ -614,11 +642,13 @@ impl Machine {
                     // A sidecar it needs does not exist yet: kubelet creates it
                     // later in this same sync, after this call returns.
                     let deadline = now + ready_timeout;
+                    let creations = self.pods[&pod_id].creations;
                     self.set_state(
                         &container,
                         State::Deferred {
                             since: now,
                             deadline,
+                            creations,
                         },
                     );
                     out.push(Action::Answer {
@@ -719,7 +749,7 @@ impl Machine {
                     return Some(pod_id);
                 }
                 match role {
-                    Role::Normal => {
+                    Role::Normal | Role::Init => {
                         self.begin_termination(now, &pod_id);
                         out.push(Action::Forward(call));
                     }
@@ -753,7 +783,7 @@ impl Machine {
                 };
                 let pod_id = c.pod.clone();
                 match c.role {
-                    Role::Normal => {
+                    Role::Normal | Role::Init => {
                         self.begin_termination(now, &pod_id);
                         out.push(Action::Forward(call));
                     }
@@ -896,6 +926,7 @@ impl Machine {
         let needed: &[String] = match c.role {
             Role::Sidecar(i) => &pod.spec.sidecars[..i],
             Role::Normal => &pod.spec.sidecars,
+            Role::Init => &[],
         };
         Some((needed, self.latest(&c.pod)))
     }
@@ -964,17 +995,43 @@ impl Machine {
     fn release_starts(&mut self, now: Instant, pod_id: &str, out: &mut Vec<Action>) {
         let on_timeout = self.pods[pod_id].spec.on_ready_timeout;
         // Deferred starts.
-        let deferred: Vec<(ContainerId, Instant, Instant)> = self
+        let deferred: Vec<(ContainerId, Instant, Instant, u64)> = self
             .pod_containers(pod_id)
             .zip(self.pods[pod_id].containers.iter())
             .filter_map(|(c, id)| match c.state {
-                State::Deferred { since, deadline } => Some((id.clone(), since, deadline)),
+                State::Deferred {
+                    since,
+                    deadline,
+                    creations,
+                } => Some((id.clone(), since, deadline, creations)),
                 _ => None,
             })
             .collect();
-        for (id, since, deadline) in deferred {
+        for (id, since, deadline, creations) in deferred {
             let terminating = self.pods[pod_id].terminating.is_some() || self.pods[pod_id].job_done;
             if terminating {
+                continue;
+            }
+            let nothing_after = self.pods[pod_id].creations == creations;
+            let normal = self
+                .containers
+                .get(&id)
+                .is_some_and(|c| c.role == Role::Normal);
+            if normal && nothing_after && now >= since + self.settings.init_window {
+                if let Some(c) = self.containers.get_mut(&id) {
+                    c.role = Role::Init;
+                    c.state = State::Starting;
+                }
+                out.push(Action::Start(id.clone()));
+                self.note(
+                    out,
+                    &id,
+                    "treated as an init container",
+                    format!(
+                        "kubelet created nothing after it for {:?}: it waits for it to finish",
+                        now - since
+                    ),
+                );
                 continue;
             }
             let (ready, _) = self.required_ready(&id);

@@ -29,6 +29,10 @@ use crate::proxy::{CallFuture, Interceptor, LocalCall};
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
 
+/// The container annotation the newest kubelets set to init, container or
+/// ephemeral (not to be relied on: older kubelets omit it).
+const CONTAINER_TYPE: &str = "io.kubernetes.container.type";
+
 /// How often the exits of watched containers are polled (the runtime's
 /// GetContainerEvents stream is not implemented by containerd 1.6).
 const WATCH_INTERVAL: Duration = Duration::from_millis(100);
@@ -421,7 +425,17 @@ impl Inner {
         let req: cri::CreateContainerRequest = decode(&call.message)?;
         let spec = self.pod_spec(&req.pod_sandbox_id, req.sandbox_config.as_ref());
         let answer = self.forward(&call, call.message.clone()).await?;
-        if let Some(spec) = spec {
+        // Newer kubelets say what kind of container this is; init and
+        // ephemeral containers are none of the lifecycle's business. Older
+        // ones don't: the machine then tells init containers apart by
+        // kubelet waiting for them (Settings::init_window).
+        let kind = req
+            .config
+            .as_ref()
+            .and_then(|c| c.annotations.get(CONTAINER_TYPE))
+            .map(String::as_str);
+        let regular = !matches!(kind, Some("init") | Some("ephemeral"));
+        if let (Some(spec), true) = (spec, regular) {
             let resp: cri::CreateContainerResponse = decode(&answer)?;
             let config = req.config.unwrap_or_default();
             let meta = config.metadata.unwrap_or_default();

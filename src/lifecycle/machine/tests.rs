@@ -370,6 +370,9 @@ proptest! {
         let mut start_calls: HashMap<CallId, String> = HashMap::new();
         let mut deferred: std::collections::HashSet<String> = Default::default();
         let mut exited: std::collections::HashSet<String> = Default::default();
+        // Containers the machine took for init containers (deferred with
+        // nothing created after them): they start without their sidecars.
+        let mut init: std::collections::HashSet<String> = Default::default();
 
         let is_sidecar = |name: &str| name.starts_with('s');
         let name_of = |id: &str| id.split('-').next().unwrap_or("").to_string();
@@ -438,6 +441,15 @@ proptest! {
             };
             // Apply the actions to the model and check the invariants.
             let mut queue = out;
+            for a in &queue {
+                if let Action::Log(note) = a {
+                    if note.what == "treated as an init container" {
+                        if let Some(id) = w.ids.get(&note.container) {
+                            init.insert(id.clone());
+                        }
+                    }
+                }
+            }
             while let Some(a) = queue.pop() {
                 if let Action::Answer { call, result: Ok(()) } = &a {
                     if let Some(id) = start_calls.get(call) {
@@ -458,7 +470,7 @@ proptest! {
                     };
                     let all_ready = needed.iter().all(|s| w.ids.get(*s).is_some_and(|sid| ready.get(sid).copied().unwrap_or(false) && running.get(sid).copied().unwrap_or(false)));
                     let timed_out = waiting_since.get(&id).is_some_and(|t| w.now >= *t + Duration::from_secs(10) - Duration::from_millis(1));
-                    prop_assert!(all_ready || timed_out, "{name} started with sidecars not ready at {:?}", w.now);
+                    prop_assert!(all_ready || timed_out || init.contains(&id), "{name} started with sidecars not ready at {:?}", w.now);
                     running.insert(id.clone(), true);
                     deferred.remove(&id);
                     queue.extend(w.feed(Event::StartDone { container: id, ok: true }));
@@ -470,7 +482,7 @@ proptest! {
                 };
                 if let Some((id, held)) = stopped {
                     if deleting && is_sidecar(&name_of(&id)) {
-                        let normal_running = running.iter().any(|(cid, r)| *r && !is_sidecar(&name_of(cid)));
+                        let normal_running = running.iter().any(|(cid, r)| *r && !is_sidecar(&name_of(cid)) && !init.contains(cid));
                         let grace_out = held.is_some_and(|(arrived, t)| w.now >= arrived + t + Duration::from_secs(1));
                         prop_assert!(!normal_running || grace_out, "sidecar {id} stopped while a normal container runs");
                     }
@@ -564,5 +576,56 @@ fn stop_pod_sandbox_with_running_containers_tears_down_in_order() {
     assert!(
         out.contains(&Action::Forward(call)),
         "sandbox stop forwarded last: {out:?}"
+    );
+}
+
+#[test]
+fn a_deferred_container_nothing_follows_is_an_init_container() {
+    let mut w = World::new(spec(
+        &["proxy"],
+        Restart::Explicit(RestartPolicy::Never),
+        OnReadyTimeout::Fail,
+    ));
+    // kubelet starts an init container and waits for it to finish: it
+    // creates nothing else meanwhile.
+    let init = w.create("init");
+    let (c, out) = w.start("init");
+    assert!(
+        out.contains(&Action::Answer {
+            call: c,
+            result: Ok(())
+        }),
+        "{out:?}"
+    );
+    let out = w.advance(Duration::from_millis(1900));
+    assert!(!out.contains(&Action::Start(init.clone())));
+    let out = w.advance(Duration::from_millis(200));
+    assert!(out.contains(&Action::Start(init.clone())), "{out:?}");
+    w.feed(Event::StartDone {
+        container: init.clone(),
+        ok: true,
+    });
+    assert_eq!(w.m.status_override(&init), None);
+    w.feed(Event::Exited {
+        container: init,
+        code: 0,
+    });
+    // Then the regular containers: the app waits for its sidecar as usual.
+    let proxy = w.create("proxy");
+    w.start("proxy");
+    w.feed(Event::StartDone {
+        container: proxy.clone(),
+        ok: true,
+    });
+    w.create("app");
+    let (app_call, out) = w.start("app");
+    assert!(!forwarded(&out, app_call));
+    let out = w.feed(Event::Ready { container: proxy });
+    assert!(forwarded(&out, app_call), "{out:?}");
+    // The init container's exit does not count as the Job's completion.
+    let out = w.advance(Duration::from_secs(5));
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Stop { .. })),
+        "{out:?}"
     );
 }
