@@ -540,9 +540,11 @@ fn check_template(template: &Value, job: bool, d: &Defaults) -> PodReport {
             format!(
                 "init containers {} have restartPolicy: Always (Kubernetes native sidecars) next \
                  to the {SIDECARS} annotation: both apply. kubelet starts the native sidecars \
-                 before every regular container and stops them after; the shim does not manage \
-                 them (they are init containers), it orders only the regular containers, so its \
-                 sidecars ({}) start after the native sidecars. Prefer one mechanism per pod",
+                 before every regular container and stops them after. The shim orders only the \
+                 regular containers (its sidecars: {}); it recognises the native sidecars as init \
+                 containers only on kubelets that set io.kubernetes.container.type, and otherwise \
+                 may take one for an app that waits for its sidecars (see the README's Native \
+                 sidecars section). Prefer one mechanism per pod",
                 native_sidecars.join(", "),
                 pod_spec.sidecars.join(", ")
             ),
