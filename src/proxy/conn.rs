@@ -469,13 +469,7 @@ impl ClientToRuntime {
         let local = st.local.get_mut(&head.stream).expect("caller checked");
         match local.phase {
             Phase::Receiving => {
-                let data = match frame::headers_fragment(
-                    &Head {
-                        flags: head.flags & flag::PADDED,
-                        ..*head
-                    },
-                    payload,
-                ) {
+                let data = match frame::unpadded(head, payload) {
                     Some(r) => &payload[r],
                     None => payload,
                 };

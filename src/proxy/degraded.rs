@@ -58,7 +58,7 @@ pub(super) async fn serve(
             let block_ended = matches!(head.kind, kind::HEADERS | kind::CONTINUATION)
                 && head.has(flag::END_HEADERS);
             buf.advance(head.frame_len());
-            if let (true, Some(stream)) = (block_ended, opening.take_if(|_| block_ended)) {
+            if let Some(stream) = opening.take_if(|_| block_ended) {
                 let back = match UnixStream::connect(runtime).await {
                     Ok(_) => true,
                     Err(e) => {

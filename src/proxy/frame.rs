@@ -208,20 +208,23 @@ pub fn settings(payload: &[u8]) -> impl Iterator<Item = (u16, u32)> + '_ {
     })
 }
 
+/// The payload of a DATA or HEADERS frame without its padding (RFC 9113
+/// §6.1, §6.2). `None` if the padding is longer than the payload.
+pub fn unpadded(head: &Head, payload: &[u8]) -> Option<std::ops::Range<usize>> {
+    if !head.has(flag::PADDED) {
+        return Some(0..payload.len());
+    }
+    let pad = usize::from(*payload.first()?);
+    let end = payload.len().checked_sub(pad)?;
+    (1 <= end).then_some(1..end)
+}
+
 /// The header block fragment of a HEADERS frame: padding and priority fields
 /// stripped. `None` if the frame is malformed (padding longer than payload).
 pub fn headers_fragment(head: &Head, payload: &[u8]) -> Option<std::ops::Range<usize>> {
-    let mut start = 0;
-    let mut end = payload.len();
-    if head.has(flag::PADDED) {
-        let pad = usize::from(*payload.first()?);
-        start += 1;
-        end = end.checked_sub(pad)?;
-    }
-    if head.has(flag::PRIORITY) {
-        start += 5;
-    }
-    (start <= end).then_some(start..end)
+    let range = unpadded(head, payload)?;
+    let start = range.start + if head.has(flag::PRIORITY) { 5 } else { 0 };
+    (start <= range.end).then_some(start..range.end)
 }
 
 /// The 31-bit value of a WINDOW_UPDATE or RST_STREAM payload.

@@ -146,7 +146,7 @@ async fn connection(
             return;
         }
     }
-    buf.advance_preface();
+    bytes::Buf::advance(&mut buf, frame::PREFACE.len());
     let upstream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(runtime.as_path()))
         .await
         .unwrap_or_else(|_| {
@@ -177,14 +177,4 @@ async fn read_preface(client: &mut UnixStream, buf: &mut BytesMut) -> std::io::R
         }
     }
     Ok(true)
-}
-
-trait AdvancePreface {
-    fn advance_preface(&mut self);
-}
-
-impl AdvancePreface for BytesMut {
-    fn advance_preface(&mut self) {
-        bytes::Buf::advance(self, frame::PREFACE.len());
-    }
 }
