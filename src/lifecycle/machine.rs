@@ -414,13 +414,20 @@ impl Machine {
         let mut out: Vec<_> = self
             .containers
             .iter()
-            .filter(|(_, c)| {
-                matches!(c.role, Role::Sidecar(_)) && c.state == State::Running && !c.ready
-            })
+            .filter(|(_, c)| Self::probed(c))
             .map(|(id, c)| (id.clone(), c.pod.clone()))
             .collect();
         out.sort();
         out
+    }
+
+    /// Whether this sidecar's readiness must still be checked.
+    pub fn needs_probe(&self, container: &str) -> bool {
+        self.containers.get(container).is_some_and(Self::probed)
+    }
+
+    fn probed(c: &Container) -> bool {
+        matches!(c.role, Role::Sidecar(_)) && c.state == State::Running && !c.ready
     }
 
     /// The readiness check of a sidecar container.
@@ -435,25 +442,36 @@ impl Machine {
         let mut out: Vec<_> = self
             .containers
             .iter()
-            .filter(|(_, c)| c.running())
-            .filter(|(_, c)| {
-                let Some(pod) = self.pods.get(&c.pod) else {
-                    return false;
-                };
-                let busy = pod.terminating.is_some()
-                    || pod.job_done
-                    || self.held.values().any(|h| self.held_pod(h) == Some(&c.pod))
-                    || self
-                        .pods_containers(pod)
-                        .any(|o| matches!(o.state, State::Deferred { .. }));
-                // A sidecar being checked: if it dies, its check must stop.
-                let probed = matches!(c.role, Role::Sidecar(_)) && !c.ready;
-                busy || probed || (c.role == Role::Normal && job_like(&pod.spec.restart))
-            })
+            .filter(|(_, c)| self.watches(c))
             .map(|(id, _)| id.clone())
             .collect();
         out.sort();
         out
+    }
+
+    /// Whether the exit of this container must be heard of promptly.
+    pub fn is_watched(&self, container: &str) -> bool {
+        self.containers
+            .get(container)
+            .is_some_and(|c| self.watches(c))
+    }
+
+    fn watches(&self, c: &Container) -> bool {
+        if !c.running() {
+            return false;
+        }
+        let Some(pod) = self.pods.get(&c.pod) else {
+            return false;
+        };
+        let busy = pod.terminating.is_some()
+            || pod.job_done
+            || self.held.values().any(|h| self.held_pod(h) == Some(&c.pod))
+            || self
+                .pods_containers(pod)
+                .any(|o| matches!(o.state, State::Deferred { .. }));
+        // A sidecar being checked: if it dies, its check must stop.
+        let probed = matches!(c.role, Role::Sidecar(_)) && !c.ready;
+        busy || probed || (c.role == Role::Normal && job_like(&pod.spec.restart))
     }
 
     /// The earliest time at which a [`Event::Tick`] may change something.
@@ -897,8 +915,7 @@ impl Machine {
         self.pods
             .get(pod)
             .into_iter()
-            .flat_map(|p| p.containers.iter())
-            .filter_map(|id| self.containers.get(id))
+            .flat_map(|p| self.pods_containers(p))
     }
 
     /// The latest attempt of each container name of the pod.

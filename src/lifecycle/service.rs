@@ -817,11 +817,7 @@ async fn probe_loop(me: Arc<Inner>, container: String, pod: String) {
     };
     let mut last = String::new();
     loop {
-        if !lock(&me.machine)
-            .probes()
-            .iter()
-            .any(|(c, _)| *c == container)
-        {
+        if !lock(&me.machine).needs_probe(&container) {
             break;
         }
         let mut rt = me.runtime.clone();
@@ -852,7 +848,7 @@ async fn probe_loop(me: Arc<Inner>, container: String, pod: String) {
 async fn watch_loop(me: Arc<Inner>, container: String) {
     let key = format!("watch:{container}");
     loop {
-        if !lock(&me.machine).watched().contains(&container) {
+        if !lock(&me.machine).is_watched(&container) {
             break;
         }
         me.observe_exit(&container).await;
