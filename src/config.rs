@@ -23,6 +23,8 @@ use serde::{Deserialize, Deserializer};
 pub const DEFAULT_LISTEN: &str = "/run/sidecar-shim/sidecar-shim.sock";
 /// Default CRI endpoint of the real runtime.
 pub const DEFAULT_RUNTIME_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
+/// Default directory of the lifecycle's state.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sidecar-shim";
 /// Default time to let in-flight calls finish after a shutdown signal.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -34,6 +36,7 @@ Config file (TOML), all keys optional:
     runtime_endpoint = \"unix:///run/containerd/containerd.sock\"
     log_format = \"text\"          # or \"json\"
     drain_timeout = \"10s\"        # e.g. \"500ms\", \"2m\", \"1m30s\"
+    state_dir = \"/var/lib/sidecar-shim\"
 Unknown keys are an error.
 
 Logging: the log filter is read from the RUST_LOG environment variable
@@ -76,6 +79,11 @@ pub struct Cli {
     /// [default: 10s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
+
+    /// Directory where the sidecar lifecycle's state survives a restart of the shim
+    /// (one file per pod with sidecars) [default: /var/lib/sidecar-shim]
+    #[arg(long, value_name = "PATH")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// The commands besides running the daemon.
@@ -151,6 +159,8 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     #[serde(default, deserialize_with = "de_duration")]
     pub drain_timeout: Option<Duration>,
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// The `[lifecycle]` table.
     #[serde(default)]
     pub lifecycle: LifecycleFile,
@@ -184,6 +194,15 @@ pub struct LifecycleFile {
     /// an error naming it.
     #[serde(default)]
     pub presets: Option<Vec<crate::lifecycle::spec::Preset>>,
+    /// Caps: pods with sidecars the shim keeps state for, calls held at
+    /// once, starts deferred at once. Beyond them it forwards without
+    /// holding and warns.
+    #[serde(default)]
+    pub max_pods: Option<usize>,
+    #[serde(default)]
+    pub max_held_calls: Option<usize>,
+    #[serde(default)]
+    pub max_deferred_starts: Option<usize>,
 }
 
 /// `on_ready_timeout` in the config file.
@@ -205,6 +224,9 @@ pub struct LifecycleConfig {
     pub rewrite_exit_code: bool,
     /// Enabled mesh presets (none by default).
     pub presets: Vec<crate::lifecycle::spec::Preset>,
+    pub max_pods: usize,
+    pub max_held_calls: usize,
+    pub max_deferred_starts: usize,
 }
 
 impl Default for LifecycleConfig {
@@ -219,6 +241,9 @@ impl Default for LifecycleConfig {
             evidence_window: s.evidence_window,
             rewrite_exit_code: s.rewrite_exit_code,
             presets: d.presets,
+            max_pods: s.max_pods,
+            max_held_calls: s.max_held,
+            max_deferred_starts: s.max_deferred,
         }
     }
 }
@@ -234,6 +259,9 @@ impl LifecycleConfig {
             evidence_window: file.evidence_window.unwrap_or(d.evidence_window),
             rewrite_exit_code: file.rewrite_exit_code.unwrap_or(d.rewrite_exit_code),
             presets: file.presets.unwrap_or(d.presets),
+            max_pods: file.max_pods.unwrap_or(d.max_pods),
+            max_held_calls: file.max_held_calls.unwrap_or(d.max_held_calls),
+            max_deferred_starts: file.max_deferred_starts.unwrap_or(d.max_deferred_starts),
         }
     }
 
@@ -258,6 +286,9 @@ impl LifecycleConfig {
             evidence_window: self.evidence_window,
             rewrite_exit_code: self.rewrite_exit_code,
             failed_exit_window: self.failed_exit_window,
+            max_pods: self.max_pods,
+            max_held: self.max_held_calls,
+            max_deferred: self.max_deferred_starts,
             ..Default::default()
         }
     }
@@ -291,6 +322,8 @@ pub struct Config {
     pub runtime_socket: PathBuf,
     pub log_format: LogFormat,
     pub drain_timeout: Duration,
+    /// Where the lifecycle's state is kept.
+    pub state_dir: PathBuf,
     pub lifecycle: LifecycleConfig,
 }
 
@@ -302,6 +335,7 @@ impl Default for Config {
                 .expect("default runtime endpoint is valid"),
             log_format: LogFormat::default(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             lifecycle: LifecycleConfig::default(),
         }
     }
@@ -332,6 +366,7 @@ impl Config {
                 file.drain_timeout,
                 defaults.drain_timeout,
             ),
+            state_dir: pick(cli.state_dir.clone(), file.state_dir, defaults.state_dir),
             lifecycle: LifecycleConfig::merge(file.lifecycle),
         };
         if let Err(reason) =
@@ -356,6 +391,9 @@ impl Config {
         // Serving on the runtime's own socket would make the shim proxy to itself.
         if self.listen == self.runtime_socket {
             return Err(ConfigError::ListenIsRuntime(self.listen.clone()));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(ConfigError::RelativeStateDir(self.state_dir.clone()));
         }
         Ok(())
     }
@@ -388,6 +426,8 @@ pub enum ConfigError {
     RelativeListen(PathBuf),
     #[error("listen path {} is the runtime's own socket; the shim would proxy to itself", .0.display())]
     ListenIsRuntime(PathBuf),
+    #[error("state directory {} is not absolute", .0.display())]
+    RelativeStateDir(PathBuf),
 }
 
 /// Parses a runtime endpoint (`unix:///path` or an absolute path) into the
@@ -553,6 +593,7 @@ mod tests {
                     runtime_socket: "/run/containerd/containerd.sock".into(),
                     log_format: LogFormat::Text,
                     drain_timeout: Duration::from_secs(10),
+                    state_dir: "/var/lib/sidecar-shim".into(),
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -566,6 +607,7 @@ mod tests {
                     runtime_socket: "/file/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(90),
+                    state_dir: "/var/lib/sidecar-shim".into(),
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -596,6 +638,7 @@ mod tests {
                     runtime_socket: "/flag/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(120),
+                    state_dir: "/var/lib/sidecar-shim".into(),
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -613,6 +656,7 @@ mod tests {
                     runtime_socket: "/flag/containerd.sock".into(),
                     log_format: LogFormat::Text,
                     drain_timeout: Duration::ZERO,
+                    state_dir: "/var/lib/sidecar-shim".into(),
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -625,6 +669,7 @@ mod tests {
                     runtime_socket: "/file/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(3),
+                    state_dir: "/var/lib/sidecar-shim".into(),
                     lifecycle: LifecycleConfig::default(),
                 },
             ),

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod config;
+pub mod failpoint;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;

@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         runtime_socket = %config.runtime_socket.display(),
         log_format = %config.log_format,
         drain_timeout = ?config.drain_timeout,
+        state_dir = %config.state_dir.display(),
         "starting with effective configuration"
     );
 
@@ -77,6 +78,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.runtime_socket.clone(),
         config.lifecycle.settings(),
         config.lifecycle.defaults(),
+        Some(config.state_dir.clone()),
     );
     let served = proxy::serve_with(
         listener,

@@ -28,11 +28,16 @@
 //!   has a sleep or HTTP preStop hook, which kubelet runs without the CRI) and
 //!   then goes ahead as a single-container restart.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::spec::{OnReadyTimeout, PodSpec, PreStop, Restart, RestartPolicy};
+
+mod record;
+pub use record::{
+    PodRecord, Reconciled, RuntimeContainer, RuntimePod, RuntimeState, WallClock, RECORD_VERSION,
+};
 
 pub type PodId = String;
 pub type ContainerId = String;
@@ -71,6 +76,14 @@ pub struct Settings {
     /// waits for it to finish before it creates the pod's regular containers
     /// (sidecars among them). It is started at once and left alone.
     pub init_window: Duration,
+    /// Caps: beyond them the shim forwards without holding (and warns), so
+    /// that a node in trouble degrades to a plain proxy rather than to
+    /// unbounded memory. Pods with a sidecar spec the machine keeps state for.
+    pub max_pods: usize,
+    /// Calls held at once.
+    pub max_held: usize,
+    /// Starts deferred at once.
+    pub max_deferred: usize,
 }
 
 impl Default for Settings {
@@ -85,6 +98,9 @@ impl Default for Settings {
             answer_margin: Duration::from_secs(2),
             grace_slack: Duration::from_secs(1),
             init_window: Duration::from_secs(2),
+            max_pods: 1024,
+            max_held: 4096,
+            max_deferred: 1024,
         }
     }
 }
@@ -179,6 +195,8 @@ pub enum Action {
     },
     /// A decision worth an info log line.
     Log(Note),
+    /// Something the operator must hear of (a cap reached).
+    Warn(Note),
 }
 
 /// Why a held call is refused.
@@ -201,11 +219,13 @@ pub struct Note {
 pub enum StatusOverride {
     /// Deferred: reads as running since the deferral.
     Running { since: Instant },
-    /// Never started: reads as exited.
+    /// Never started: reads as exited, since `at` (fixed: kubelet measures
+    /// its crash-loop backoff from finished_at, so it must not move).
     Exited {
         code: i32,
         reason: String,
         message: String,
+        at: Instant,
     },
     /// Stopped by the shim: once the runtime reports it exited, it reads as
     /// exited with this code and reason.
@@ -247,7 +267,25 @@ enum State {
         code: i32,
         reason: &'static str,
         message: String,
+        at: Instant,
     },
+}
+
+/// A start the shim answered kubelet for and still owes the runtime.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Deferral {
+    since: Instant,
+    deadline: Instant,
+    creations: u64,
+}
+
+/// kubelet asked to stop this sidecar (StopContainer or its exec preStop
+/// hook). Kept on the container, not on the call: a repeated stop joins the
+/// first one's wait, and after a restart of the shim the stop is still owed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct StopRequest {
+    arrived: Instant,
+    timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -260,8 +298,13 @@ struct Container {
     ready: bool,
     /// The shim stopped it (Job completion, teardown): exit code rewritten.
     stopped_by_shim: bool,
-    /// The shim sent its own stop already.
+    /// A stop was sent (the shim's own, or kubelet's released): no other
+    /// is needed.
     stop_sent: bool,
+    /// Set while a deferred start is owed: from the deferral until the
+    /// runtime answered the shim's own start.
+    owed: Option<Deferral>,
+    stop_request: Option<StopRequest>,
 }
 
 impl Container {
@@ -287,6 +330,8 @@ struct Pod {
     terminating: Option<Instant>,
     /// Job completion declared.
     job_done: bool,
+    /// StopPodSandbox came while containers still ran: ordered teardown.
+    teardown: Option<Instant>,
     /// kubelet's last create or start in this pod.
     last_activity: Instant,
     /// How many containers kubelet created in this pod.
@@ -298,6 +343,11 @@ enum Held {
     Start {
         container: ContainerId,
         deadline: Instant,
+    },
+    /// A repeated StartContainer while the first one is on its way to the
+    /// runtime: answered as the first one is (see [`Event::StartDone`]).
+    Joined {
+        container: ContainerId,
     },
     Stop {
         container: ContainerId,
@@ -324,6 +374,9 @@ pub struct Machine {
     held: HashMap<CallId, Held>,
     /// The time of the last event: deadlines up to it have been acted on.
     last_now: Option<Instant>,
+    /// Pods whose durable state may have changed since the last
+    /// [`Machine::take_touched`] (removed ones too).
+    touched: HashSet<PodId>,
 }
 
 impl Machine {
@@ -353,20 +406,63 @@ impl Machine {
         self.held.len()
     }
 
+    /// The pods with a sidecar spec.
+    pub fn pod_ids(&self) -> Vec<PodId> {
+        self.pods.keys().cloned().collect()
+    }
+
+    /// A pod's sidecar spec.
+    pub fn pod_spec(&self, pod: &str) -> Option<Arc<PodSpec>> {
+        self.pods.get(pod).map(|p| p.spec.clone())
+    }
+
+    /// Whether the shim still owes this container the start it answered.
+    pub fn owes_start(&self, container: &str) -> bool {
+        self.containers
+            .get(container)
+            .is_some_and(|c| c.owed.is_some() && c.state == State::Starting)
+    }
+
+    /// Whether the container runs (or is on its way), as far as the machine
+    /// knows.
+    pub fn is_running(&self, container: &str) -> bool {
+        self.containers.get(container).is_some_and(|c| c.running())
+    }
+
+    /// The container's name (for logs and fault injection).
+    pub fn container_name(&self, container: &str) -> Option<&str> {
+        self.containers.get(container).map(|c| c.name.as_str())
+    }
+
+    /// The pods whose durable state may have changed since the last call,
+    /// sorted: the gRPC layer writes their [`PodRecord`]s (or removes them,
+    /// for pods the machine no longer knows).
+    pub fn take_touched(&mut self) -> Vec<PodId> {
+        let mut out: Vec<PodId> = self.touched.drain().collect();
+        out.sort();
+        out
+    }
+
     /// What kubelet must read for this container instead of the runtime's
     /// state, if anything.
     pub fn status_override(&self, container: &str) -> Option<StatusOverride> {
         let c = self.containers.get(container)?;
         match &c.state {
             State::Deferred { since, .. } => Some(StatusOverride::Running { since: *since }),
+            // The shim's own start is on its way: kubelet was told long ago.
+            State::Starting if c.owed.is_some() => Some(StatusOverride::Running {
+                since: c.owed.map(|d| d.since).expect("checked"),
+            }),
             State::NeverStarted {
                 code,
                 reason,
                 message,
+                at,
             } => Some(StatusOverride::Exited {
                 code: *code,
                 reason: reason.to_string(),
                 message: message.clone(),
+                at: *at,
             }),
             // From the moment the shim sends its stop: kubelet may read the
             // exit before the shim has noticed it.
@@ -393,7 +489,12 @@ impl Machine {
     /// Why an exec in this container must fail at once, if it must.
     pub fn exec_refusal(&self, container: &str) -> Option<String> {
         let c = self.containers.get(container)?;
-        matches!(c.state, State::Deferred { .. } | State::NeverStarted { .. }).then(|| {
+        let not_started = match c.state {
+            State::Deferred { .. } | State::NeverStarted { .. } => true,
+            State::Starting => c.owed.is_some(),
+            _ => false,
+        };
+        not_started.then(|| {
             format!(
                 "sidecar-shim: container {} has not started: it waits for its sidecars to be ready",
                 c.name
@@ -488,6 +589,7 @@ impl Machine {
         for h in self.held.values() {
             match h {
                 Held::Start { deadline, .. } | Held::StopPod { deadline, .. } => at(*deadline),
+                Held::Joined { .. } => {}
                 Held::Stop {
                     container,
                     arrived,
@@ -522,7 +624,15 @@ impl Machine {
                 }
             }
         }
-        for c in self.containers.values() {
+        for (id, c) in &self.containers {
+            if let Some(r) = self.orphan_stop(id, c) {
+                at(r.arrived + r.timeout + self.settings.grace_slack);
+                if let Some(pod) = self.pods.get(&c.pod) {
+                    if pod.terminating.is_none() && !pod.job_done {
+                        at(r.arrived + self.evidence_window(pod));
+                    }
+                }
+            }
             if let State::Deferred {
                 deadline,
                 since,
@@ -557,6 +667,7 @@ impl Machine {
     fn held_pod<'a>(&'a self, h: &'a Held) -> Option<&'a PodId> {
         match h {
             Held::Start { container, .. }
+            | Held::Joined { container }
             | Held::Stop { container, .. }
             | Held::PreStop { container, .. } => self.containers.get(container).map(|c| &c.pod),
             Held::StopPod { pod, .. } => Some(pod),
@@ -569,11 +680,15 @@ impl Machine {
         let mut out = Vec::new();
         let pod = self.apply(now, event, &mut out);
         match pod {
-            Some(pod) => self.evaluate(now, &pod, &mut out),
+            Some(pod) => {
+                self.evaluate(now, &pod, &mut out);
+                self.touched.insert(pod);
+            }
             None => {
                 let pods: Vec<PodId> = self.pods.keys().cloned().collect();
                 for pod in pods {
                     self.evaluate(now, &pod, &mut out);
+                    self.touched.insert(pod);
                 }
             }
         }
@@ -597,6 +712,18 @@ impl Machine {
                     Some(i) => Role::Sidecar(i),
                     None => Role::Normal,
                 };
+                if !self.pods.contains_key(&pod) && self.pods.len() >= self.settings.max_pods {
+                    out.push(Action::Warn(Note {
+                        pod: pod_name,
+                        container: name,
+                        what: "cap reached: pod not managed",
+                        detail: format!(
+                            "{} pods with sidecars are managed already (max_pods); its calls are forwarded untouched",
+                            self.pods.len()
+                        ),
+                    }));
+                    return None;
+                }
                 let p = self.pods.entry(pod.clone()).or_insert_with(|| Pod {
                     name: pod_name,
                     spec: spec.clone(),
@@ -604,6 +731,7 @@ impl Machine {
                     containers: Vec::new(),
                     terminating: None,
                     job_done: false,
+                    teardown: None,
                     last_activity: now,
                     creations: 0,
                 });
@@ -617,7 +745,7 @@ impl Machine {
                     p.containers.push(container.clone());
                 }
                 self.containers.insert(
-                    container,
+                    container.clone(),
                     Container {
                         pod: pod.clone(),
                         name,
@@ -627,8 +755,11 @@ impl Machine {
                         ready: false,
                         stopped_by_shim: false,
                         stop_sent: false,
+                        owed: None,
+                        stop_request: None,
                     },
                 );
+                self.supersede(now, &pod, &container, out);
                 Some(pod)
             }
             Event::StartCalled {
@@ -646,16 +777,86 @@ impl Machine {
                     .get_mut(&pod_id)
                     .expect("containers belong to pods");
                 pod.last_activity = now;
-                if c.running() || c.done() {
-                    // A repeated start: the runtime answers it as it would.
-                    out.push(Action::Forward(call));
+                // A repeated start (kubelet retries after a timeout or its
+                // own restart) ends where the first one does.
+                match &c.state {
+                    State::Deferred { .. } => {
+                        out.push(Action::Answer {
+                            call,
+                            result: Ok(()),
+                        });
+                        return Some(pod_id);
+                    }
+                    State::NeverStarted { message, .. } => {
+                        out.push(Action::Answer {
+                            call,
+                            result: Err(Refusal {
+                                message: message.clone(),
+                            }),
+                        });
+                        return Some(pod_id);
+                    }
+                    State::Starting => {
+                        self.held.insert(
+                            call,
+                            Held::Joined {
+                                container: container.clone(),
+                            },
+                        );
+                        return Some(pod_id);
+                    }
+                    State::Created => {}
+                    // Running or exited: the runtime answers as it would.
+                    State::Running | State::Exited { .. } => {
+                        out.push(Action::Forward(call));
+                        return Some(pod_id);
+                    }
+                }
+                if let Some(other) = self.held_start_of(&container) {
+                    // The same start is held already: wait with it.
+                    let deadline = match self.held.get(&other) {
+                        Some(Held::Start { deadline, .. }) => *deadline,
+                        _ => now,
+                    };
+                    self.held.insert(
+                        call,
+                        Held::Start {
+                            container: container.clone(),
+                            deadline,
+                        },
+                    );
                     return Some(pod_id);
                 }
-                let ready_timeout = pod.spec.ready_timeout;
+                let ready_timeout = self.pods[&pod_id].spec.ready_timeout;
                 let (ready, missing) = self.required_ready(&container);
                 if ready {
                     out.push(Action::Forward(call));
                     self.set_state(&container, State::Starting);
+                } else if missing.is_some() && self.deferred_count() >= self.settings.max_deferred
+                {
+                    out.push(Action::Forward(call));
+                    self.set_state(&container, State::Starting);
+                    self.warn(
+                        out,
+                        &container,
+                        "cap reached: started without waiting",
+                        format!(
+                            "{} starts are deferred already (max_deferred)",
+                            self.settings.max_deferred
+                        ),
+                    );
+                } else if missing.is_none() && self.held.len() >= self.settings.max_held {
+                    out.push(Action::Forward(call));
+                    self.set_state(&container, State::Starting);
+                    self.warn(
+                        out,
+                        &container,
+                        "cap reached: started without waiting",
+                        format!(
+                            "{} calls are held already (max_held)",
+                            self.settings.max_held
+                        ),
+                    );
                 } else if missing.is_some() {
                     // A sidecar it needs does not exist yet: kubelet creates it
                     // later in this same sync, after this call returns.
@@ -669,6 +870,13 @@ impl Machine {
                             creations,
                         },
                     );
+                    if let Some(c) = self.containers.get_mut(&container) {
+                        c.owed = Some(Deferral {
+                            since: now,
+                            deadline,
+                            creations,
+                        });
+                    }
                     out.push(Action::Answer {
                         call,
                         result: Ok(()),
@@ -710,7 +918,29 @@ impl Machine {
                         State::Exited { code: 128, at: now }
                     };
                 }
-                Some(c.pod.clone())
+                c.owed = None;
+                let pod = c.pod.clone();
+                // Repeated starts that waited for this one get its outcome.
+                let joined: Vec<CallId> = self
+                    .held
+                    .iter()
+                    .filter(|(_, h)| matches!(h, Held::Joined { container: j } if *j == container))
+                    .map(|(call, _)| *call)
+                    .collect();
+                for call in joined {
+                    self.held.remove(&call);
+                    out.push(Action::Answer {
+                        call,
+                        result: if ok {
+                            Ok(())
+                        } else {
+                            Err(Refusal {
+                                message: "sidecar-shim: starting the container failed (a repeated start gets the first one's outcome)".into(),
+                            })
+                        },
+                    });
+                }
+                Some(pod)
             }
             Event::Ready { container } => {
                 let c = self.containers.get_mut(&container)?;
@@ -749,8 +979,12 @@ impl Machine {
                             code: 137,
                             reason: "NeverStarted",
                             message: "stopped before its deferred start".into(),
+                            at: now,
                         },
                     );
+                    if let Some(c) = self.containers.get_mut(&container) {
+                        c.owed = None;
+                    }
                     out.push(Action::Answer {
                         call,
                         result: Ok(()),
@@ -772,15 +1006,29 @@ impl Machine {
                         out.push(Action::Forward(call));
                     }
                     Role::Sidecar(_) if !c.running() => out.push(Action::Forward(call)),
+                    Role::Sidecar(_) if self.held.len() >= self.settings.max_held => {
+                        out.push(Action::Forward(call));
+                        self.warn(
+                            out,
+                            &container,
+                            "cap reached: sidecar stopped without waiting",
+                            format!(
+                                "{} calls are held already (max_held)",
+                                self.settings.max_held
+                            ),
+                        );
+                    }
                     Role::Sidecar(_) => {
                         let answer_by = deadline
                             .map(|d| d.checked_sub(self.settings.answer_margin).unwrap_or(d));
+                        // A repeated stop joins the first one's wait.
+                        let r = self.request_stop(now, &container, timeout);
                         self.held.insert(
                             call,
                             Held::Stop {
                                 container: container.clone(),
-                                arrived: now,
-                                timeout,
+                                arrived: r.arrived,
+                                timeout: r.timeout,
                                 answer_by,
                             },
                         );
@@ -805,12 +1053,26 @@ impl Machine {
                         self.begin_termination(now, &pod_id);
                         out.push(Action::Forward(call));
                     }
+                    Role::Sidecar(_) if self.held.len() >= self.settings.max_held => {
+                        out.push(Action::Forward(call));
+                        self.warn(
+                            out,
+                            &container,
+                            "cap reached: sidecar preStop run without waiting",
+                            format!(
+                                "{} calls are held already (max_held)",
+                                self.settings.max_held
+                            ),
+                        );
+                    }
                     Role::Sidecar(_) => {
+                        let grace = self.pods[&pod_id].grace;
+                        let r = self.request_stop(now, &container, grace);
                         self.held.insert(
                             call,
                             Held::PreStop {
                                 container: container.clone(),
-                                arrived: now,
+                                arrived: r.arrived,
                             },
                         );
                         self.note(
@@ -832,7 +1094,24 @@ impl Machine {
                     out.push(Action::Forward(call));
                     return None;
                 }
+                if self.held.len() >= self.settings.max_held {
+                    out.push(Action::Forward(call));
+                    let name = self.pods[&pod].name.clone();
+                    out.push(Action::Warn(Note {
+                        pod: name,
+                        container: String::new(),
+                        what: "cap reached: pod stopped without ordering",
+                        detail: format!(
+                            "{} calls are held already (max_held)",
+                            self.settings.max_held
+                        ),
+                    }));
+                    return Some(pod);
+                }
                 self.begin_termination(now, &pod);
+                if let Some(p) = self.pods.get_mut(&pod) {
+                    p.teardown.get_or_insert(now);
+                }
                 let budget = Duration::from_secs(100);
                 let mut until = now + budget;
                 if let Some(d) = deadline {
@@ -859,21 +1138,7 @@ impl Machine {
                 Some(c.pod)
             }
             Event::PodRemoved { pod } => {
-                if let Some(p) = self.pods.remove(&pod) {
-                    for id in p.containers {
-                        self.containers.remove(&id);
-                    }
-                }
-                let calls: Vec<CallId> = self
-                    .held
-                    .iter()
-                    .filter(|(_, h)| self.held_pod(h).is_none() || self.held_pod(h) == Some(&pod))
-                    .map(|(id, _)| *id)
-                    .collect();
-                for call in calls {
-                    self.held.remove(&call);
-                    out.push(Action::Forward(call));
-                }
+                self.forget_pod(&pod, out);
                 None
             }
             Event::Tick => None,
@@ -886,9 +1151,104 @@ impl Machine {
         }
     }
 
+    /// Record kubelet's wish to stop a sidecar; the first wish's arrival
+    /// stands (a repeated stop does not start its wait again), the shorter
+    /// timeout wins.
+    fn request_stop(&mut self, now: Instant, container: &str, timeout: Duration) -> StopRequest {
+        let c = self.containers.get_mut(container).expect("known container");
+        let r = match c.stop_request {
+            Some(r) => StopRequest {
+                arrived: r.arrived,
+                timeout: r.timeout.min(timeout),
+            },
+            None => StopRequest {
+                arrived: now,
+                timeout,
+            },
+        };
+        c.stop_request = Some(r);
+        r
+    }
+
+    /// A stop kubelet asked for that no held call carries any more (the shim
+    /// restarted meanwhile, or kubelet gave up on the call): the shim owes
+    /// it itself.
+    fn orphan_stop(&self, id: &str, c: &Container) -> Option<StopRequest> {
+        let r = c.stop_request?;
+        if c.stop_sent || !c.running() {
+            return None;
+        }
+        let carried = self.held.values().any(|h| {
+            matches!(h, Held::Stop { container, .. } | Held::PreStop { container, .. } if container == id)
+        });
+        (!carried).then_some(r)
+    }
+
+    fn held_start_of(&self, container: &str) -> Option<CallId> {
+        self.held
+            .iter()
+            .filter(|(_, h)| matches!(h, Held::Start { container: c, .. } if c == container))
+            .map(|(call, _)| *call)
+            .min()
+    }
+
+    fn deferred_count(&self) -> usize {
+        self.containers
+            .values()
+            .filter(|c| matches!(c.state, State::Deferred { .. }))
+            .count()
+    }
+
+    /// kubelet created a new attempt of a container whose start is still
+    /// deferred: kubelet no longer counts on the old one (its start's answer
+    /// was lost, say, when the shim restarted), so it must never start.
+    fn supersede(&mut self, now: Instant, pod: &str, container: &str, out: &mut Vec<Action>) {
+        let Some(name) = self.containers.get(container).map(|c| c.name.clone()) else {
+            return;
+        };
+        let older: Vec<ContainerId> = self
+            .pods
+            .get(pod)
+            .map(|p| p.containers.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter(|id| id.as_str() != container)
+            .filter(|id| {
+                self.containers.get(*id).is_some_and(|c| {
+                    c.name == name && matches!(c.state, State::Deferred { .. })
+                })
+            })
+            .cloned()
+            .collect();
+        for id in older {
+            if let Some(c) = self.containers.get_mut(&id) {
+                c.state = State::NeverStarted {
+                    code: 137,
+                    reason: "NeverStarted",
+                    message: "superseded by a newer attempt before its deferred start".into(),
+                    at: now,
+                };
+                c.owed = None;
+            }
+            self.note(
+                out,
+                &id,
+                "deferred start cancelled",
+                "kubelet created a newer attempt".into(),
+            );
+        }
+    }
+
     fn set_state(&mut self, container: &str, state: State) {
         if let Some(c) = self.containers.get_mut(container) {
             c.state = state;
+        }
+    }
+
+    fn warn(&self, out: &mut Vec<Action>, container: &str, what: &'static str, detail: String) {
+        self.note(out, container, what, detail);
+        if let Some(Action::Log(n)) = out.pop() {
+            out.push(Action::Warn(n));
         }
     }
 
@@ -1083,8 +1443,12 @@ impl Machine {
                                 code: 128,
                                 reason: "SidecarNotReady",
                                 message: message.clone(),
+                                at: now,
                             },
                         );
+                        if let Some(c) = self.containers.get_mut(&id) {
+                            c.owed = None;
+                        }
                         self.note(out, &id, "ready-timeout: deferred start failed", message);
                     }
                 }
@@ -1108,9 +1472,19 @@ impl Machine {
                 _ => None,
             })
             .collect();
+        let mut held = held;
+        held.sort();
         for (call, id, deadline) in held {
+            if !self.held.contains_key(&call) {
+                continue;
+            }
             let (ready, missing) = self.required_ready(&id);
-            if ready {
+            let starting = self.containers.get(&id).map(|c| &c.state) == Some(&State::Starting);
+            if starting {
+                // A repeated start held with the first: the first one was
+                // released, this one gets its outcome.
+                self.held.insert(call, Held::Joined { container: id });
+            } else if ready {
                 self.held.remove(&call);
                 self.set_state(&id, State::Starting);
                 out.push(Action::Forward(call));
@@ -1137,6 +1511,7 @@ impl Machine {
                             code: 128,
                             reason: "SidecarNotReady",
                             message: message.clone(),
+                            at: now,
                         },
                     );
                     out.push(Action::Answer {
@@ -1254,6 +1629,8 @@ impl Machine {
             })
             .filter(|(_, c, ..)| self.containers.get(c).is_some_and(|c| c.pod == pod_id))
             .collect();
+        let mut held = held;
+        held.sort_by_key(|h| h.0);
         for (call, id, arrived, timeout, answer_by) in held {
             let limit = timeout.unwrap_or(grace);
             let out_of_grace = now >= arrived + limit + self.settings.grace_slack
@@ -1265,6 +1642,9 @@ impl Machine {
                 continue;
             }
             self.held.remove(&call);
+            if let Some(c) = self.containers.get_mut(&id) {
+                c.stop_sent = true;
+            }
             let why = if exited {
                 "it exited meanwhile"
             } else if may_stop(&id) {
@@ -1302,9 +1682,41 @@ impl Machine {
             }
         }
 
+        // Stops kubelet asked for whose calls are gone (the shim restarted
+        // meanwhile): the shim sends them itself, under the same rules.
+        let orphans: Vec<(ContainerId, StopRequest)> = self
+            .pods_containers(&self.pods[pod_id])
+            .zip(self.pods[pod_id].containers.iter())
+            .filter_map(|(c, id)| self.orphan_stop(id, c).map(|r| (id.clone(), r)))
+            .collect();
+        for (id, r) in orphans {
+            let out_of_grace = now >= r.arrived + r.timeout + self.settings.grace_slack;
+            let not_shutdown = !shutting_down && now >= r.arrived + window;
+            if !(may_stop(&id) || out_of_grace || not_shutdown) {
+                continue;
+            }
+            let left = r
+                .timeout
+                .saturating_sub(now - r.arrived)
+                .max(self.settings.min_stop_grace);
+            if let Some(c) = self.containers.get_mut(&id) {
+                c.stop_sent = true;
+            }
+            out.push(Action::Stop {
+                container: id.clone(),
+                timeout: left,
+            });
+            self.note(
+                out,
+                &id,
+                "sidecar stop resumed",
+                format!("kubelet's stop from before a restart; grace left {left:?}"),
+            );
+        }
+
         // The shim's own stops: Job completion and StopPodSandbox teardown.
         let pod = &self.pods[pod_id];
-        let stop_pod: Vec<(CallId, Instant)> = self
+        let mut stop_pod: Vec<(CallId, Instant)> = self
             .held
             .iter()
             .filter_map(|(call, h)| match h {
@@ -1312,7 +1724,8 @@ impl Machine {
                 _ => None,
             })
             .collect();
-        let teardown = !stop_pod.is_empty();
+        stop_pod.sort();
+        let teardown = pod.teardown.is_some();
         let job_done = pod.job_done;
         if teardown && !normals_done {
             for id in normals_to_stop {

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
 use hyper_util::rt::TokioIo;
@@ -22,9 +22,14 @@ use tokio::sync::{oneshot, Notify};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tracing::{debug, info, warn, Instrument};
 
-use super::machine::{Action, CallId, Event, Machine, Settings, StatusOverride};
+use super::machine::{
+    Action, CallId, Event, Machine, PodRecord, RuntimeContainer, RuntimePod, RuntimeState,
+    Settings, StatusOverride, WallClock,
+};
 use super::probe;
 use super::spec::{self, Defaults, PodSpec, ReadyCheck};
+use super::store::{self, Store, StoreHealth};
+use crate::failpoint;
 use crate::proxy::{CallFuture, Interceptor, LocalCall};
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
@@ -41,6 +46,21 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// the pod's network namespace); exec and running checks are runtime calls.
 const PROBE_INTERVAL_NET: Duration = Duration::from_millis(10);
 const PROBE_INTERVAL_RUNTIME: Duration = Duration::from_millis(50);
+/// How long an intercepted call waits for the start-up reconcile (it takes
+/// milliseconds when the runtime answers; when the runtime is down, calls
+/// fail anyway).
+const RECONCILE_WAIT: Duration = Duration::from_secs(5);
+/// How often the start-up reconcile is tried while the runtime is down.
+const RECONCILE_RETRY: Duration = Duration::from_millis(200);
+/// How often failed state writes are tried again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+/// How often the sandboxes of managed pods are checked for pods that went
+/// away without a RemovePodSandbox through the shim.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// The shim's own starts and stops, when the runtime is unreachable: tried
+/// again this often (until the start's deferral deadline; stops until the
+/// container is gone).
+const ACTION_RETRY: Duration = Duration::from_millis(200);
 
 /// The methods the lifecycle looks at. `Always`: every call (they carry what
 /// tells managed pods apart). `Managed`: only while some pod has a sidecar
@@ -92,14 +112,13 @@ struct Inner {
     probing: Mutex<HashSet<String>>,
     /// Network namespaces by sandbox id.
     netns: Mutex<HashMap<String, Option<PathBuf>>>,
-    /// The instant that corresponds to `epoch` (for timestamps in overrides).
-    epoch: (Instant, SystemTime),
-    /// When a container the shim never started came to read as exited
-    /// (nanoseconds since the Unix epoch), by container id: its started_at
-    /// and finished_at must not move between reads, since kubelet measures
-    /// the crash-loop backoff from finished_at (a finished_at that is always
-    /// "now" keeps the container in backoff until the entry expires).
-    never_started_at: Mutex<HashMap<String, i64>>,
+    /// Maps the machine's instants to wall-clock time (records, timestamps).
+    clock: WallClock,
+    /// The state directory (None: state is kept in memory only).
+    store: Option<Mutex<Store>>,
+    /// The start-up reconcile with the runtime is done.
+    reconciled: AtomicBool,
+    reconciled_notify: Notify,
 }
 
 enum Decision {
@@ -114,9 +133,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Lifecycle {
     /// The lifecycle over the runtime at `runtime` (its own connection,
-    /// opened lazily and re-opened as needed). Must be called inside a tokio
-    /// runtime: it starts the driver task.
-    pub fn new(runtime: PathBuf, settings: Settings, defaults: Defaults) -> Lifecycle {
+    /// opened lazily and re-opened as needed), keeping its state in
+    /// `state_dir` when given. Loads what the state directory holds, then
+    /// reconciles it with the runtime in the background (intercepted calls
+    /// wait for that, see [`RECONCILE_WAIT`]). Must be called inside a tokio
+    /// runtime: it starts the driver tasks.
+    pub fn new(
+        runtime: PathBuf,
+        settings: Settings,
+        defaults: Defaults,
+        state_dir: Option<PathBuf>,
+    ) -> Lifecycle {
         let channel = Endpoint::from_static("http://localhost").connect_with_connector_lazy(
             tower::service_fn(move |_: Uri| {
                 let path = runtime.clone();
@@ -145,11 +172,19 @@ impl Lifecycle {
             specs: Mutex::default(),
             probing: Mutex::default(),
             netns: Mutex::default(),
-            epoch: (Instant::now(), SystemTime::now()),
-            never_started_at: Mutex::default(),
+            clock: WallClock::now(),
+            store: state_dir.map(|d| Mutex::new(Store::open(&d))),
+            reconciled: AtomicBool::new(false),
+            reconciled_notify: Notify::new(),
         });
-        tokio::spawn(driver(inner.clone()));
+        inner.load_state();
+        tokio::spawn(start_up(inner.clone()));
         Lifecycle { inner }
+    }
+
+    /// How the state directory is doing (None: no state directory).
+    pub fn store_health(&self) -> Option<StoreHealth> {
+        self.inner.store.as_ref().map(|s| lock(s).health())
     }
 }
 
@@ -192,6 +227,7 @@ impl Interceptor for Lifecycle {
         );
         Box::pin(
             async move {
+                inner.wait_reconciled().await;
                 let started = Instant::now();
                 let result = match name.as_str() {
                     "CreateContainer" => inner.create_container(call).await,
@@ -277,11 +313,18 @@ impl Inner {
         CallId(self.next_call.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Feed the machine and carry out what it says.
+    /// Feed the machine, write what changed to the state directory, and
+    /// carry out what the machine says (in that order: a promise to kubelet
+    /// is on disk before kubelet hears it).
     fn feed(self: &Arc<Self>, event: Event) {
+        let point = failpoint::enabled().then(|| self.point_name(&event));
+        if let Some(p) = &point {
+            failpoint::hit(&format!("before:{p}"));
+        }
         let actions = {
             let mut m = lock(&self.machine);
             let actions = m.handle(Instant::now(), event);
+            self.persist(&mut m);
             // Pods whose annotations were rejected keep RemovePodSandbox
             // coming by, so that their entry is forgotten with them.
             let rejected = !lock(&self.rejected).is_empty();
@@ -292,8 +335,101 @@ impl Inner {
             self.rewrites.store(m.rewrites_active(), Ordering::Relaxed);
             actions
         };
+        if let Some(p) = &point {
+            failpoint::hit(&format!("after:{p}"));
+        }
         self.execute(actions);
         self.wake.notify_one();
+    }
+
+    /// `<event>:<container name>`, the name of a failpoint.
+    fn point_name(&self, event: &Event) -> String {
+        let m = lock(&self.machine);
+        let name = |id: &str| m.container_name(id).unwrap_or("?").to_string();
+        match event {
+            Event::Created { name, .. } => format!("created:{name}"),
+            Event::StartCalled { container, .. } => format!("start:{}", name(container)),
+            Event::StartDone { container, .. } => format!("started:{}", name(container)),
+            Event::Ready { container } => format!("ready:{}", name(container)),
+            Event::Exited { container, .. } => format!("exited:{}", name(container)),
+            Event::StopCalled { container, .. } => format!("stop:{}", name(container)),
+            Event::PreStopCalled { container, .. } => format!("prestop:{}", name(container)),
+            Event::StopPodCalled { .. } => "stop-pod".into(),
+            Event::Cancelled { .. } => "cancelled".into(),
+            Event::ContainerRemoved { container } => format!("removed:{}", name(container)),
+            Event::PodRemoved { .. } => "pod-removed".into(),
+            Event::Tick => "tick".into(),
+        }
+    }
+
+    /// Write the records of the pods whose state may have changed.
+    fn persist(&self, m: &mut Machine) {
+        let touched = m.take_touched();
+        let Some(store) = &self.store else {
+            return;
+        };
+        let mut store = lock(store);
+        for pod in touched {
+            match m.record(&pod, &self.clock) {
+                Some(record) => match serde_json::to_vec(&record) {
+                    Ok(body) => store.save(&pod, body),
+                    Err(e) => warn!(pod.id = %pod, error = %e, "cannot encode the pod's state"),
+                },
+                None => store.remove(&pod),
+            }
+        }
+    }
+
+    /// Read the state directory into the machine (before any call is
+    /// served). A file that cannot be used is dropped for its pod alone.
+    fn load_state(&self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let mut store = lock(store);
+        let loaded = store.load();
+        let mut m = lock(&self.machine);
+        let now = Instant::now();
+        let (mut restored, mut dropped) = (0, 0);
+        for (pod, result) in loaded {
+            let record = result.map_err(|e| e.to_string()).and_then(|body| {
+                serde_json::from_slice::<PodRecord>(&body)
+                    .map_err(|e| format!("pod {pod}: cannot decode its state: {e}"))
+            });
+            match record {
+                Ok(r) if r.version == super::machine::RECORD_VERSION && r.pod == pod => {
+                    lock(&self.specs).insert(pod.clone(), Arc::new(r.spec().clone()));
+                    m.restore(now, &self.clock, r);
+                    restored += 1;
+                }
+                Ok(r) => {
+                    warn!(pod.id = %pod, version = r.version, "state file of another version or pod dropped");
+                    store.remove(&pod);
+                    dropped += 1;
+                }
+                Err(e) => {
+                    store::report_unusable(&pod, &e);
+                    if !pod.is_empty() {
+                        store.remove(&pod);
+                    }
+                    dropped += 1;
+                }
+            }
+        }
+        // Nothing changed yet: the records are what is on disk.
+        m.take_touched();
+        info!(dir = %store.dir().display(), restored, dropped, "state directory read");
+    }
+
+    async fn wait_reconciled(&self) {
+        if self.reconciled.load(Ordering::Acquire) {
+            return;
+        }
+        let notified = self.reconciled_notify.notified();
+        if self.reconciled.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = tokio::time::timeout(RECONCILE_WAIT, notified).await;
     }
 
     fn execute(self: &Arc<Self>, actions: Vec<Action>) {
@@ -307,41 +443,75 @@ impl Inner {
                     self.decide(call, Decision::Answer(result.map_err(|r| r.message)))
                 }
                 Action::Start(id) => {
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        let mut rt = me.runtime.clone();
-                        let ok = rt
-                            .start_container(cri::StartContainerRequest {
-                                container_id: id.clone(),
-                            })
-                            .await;
-                        if let Err(e) = &ok {
-                            warn!(container.id = %id, error = %e, "starting a deferred container failed");
-                        }
-                        me.feed(Event::StartDone {
-                            container: id,
-                            ok: ok.is_ok(),
-                        });
-                    });
+                    tokio::spawn(self.clone().start_owed(id));
                 }
                 Action::Stop { container, timeout } => {
-                    let me = self.clone();
-                    tokio::spawn(async move {
-                        let mut rt = me.runtime.clone();
-                        let r = rt
-                            .stop_container(cri::StopContainerRequest {
-                                container_id: container.clone(),
-                                timeout: timeout.as_secs() as i64,
-                            })
-                            .await;
-                        if let Err(e) = r {
-                            warn!(container.id = %container, error = %e, "stopping a container failed");
-                        }
-                        me.observe_exit(&container).await;
-                    });
+                    tokio::spawn(self.clone().stop_own(container, timeout));
                 }
                 Action::Log(note) => {
                     info!(pod = %note.pod, container = %note.container, detail = %note.detail, "{}", note.what)
+                }
+                Action::Warn(note) => {
+                    warn!(pod = %note.pod, container = %note.container, detail = %note.detail, "{}", note.what)
+                }
+            }
+        }
+    }
+
+    /// The shim's own start of a deferred container. While the runtime is
+    /// unreachable (restarting, say) it is tried again, for as long as the
+    /// machine still owes it; any other error ends it (the container then
+    /// reads as exited 128, as a failed start does).
+    async fn start_owed(self: Arc<Self>, id: String) {
+        loop {
+            let mut rt = self.runtime.clone();
+            let r = rt
+                .start_container(cri::StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await;
+            match r {
+                Err(e) if unreachable(&e) && lock(&self.machine).owes_start(&id) => {
+                    debug!(container.id = %id, error = %e, "runtime unreachable; starting the deferred container again shortly");
+                    tokio::time::sleep(ACTION_RETRY).await;
+                }
+                r => {
+                    if let Err(e) = &r {
+                        warn!(container.id = %id, error = %e, "starting a deferred container failed");
+                    }
+                    self.feed(Event::StartDone {
+                        container: id,
+                        ok: r.is_ok(),
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The shim's own stop (Job completion, teardown, a stop owed from
+    /// before a restart). Tried again while the runtime is unreachable and
+    /// the container is still known and not seen exited.
+    async fn stop_own(self: Arc<Self>, container: String, timeout: Duration) {
+        loop {
+            let mut rt = self.runtime.clone();
+            let r = rt
+                .stop_container(cri::StopContainerRequest {
+                    container_id: container.clone(),
+                    timeout: timeout.as_secs() as i64,
+                })
+                .await;
+            match r {
+                Err(e) if unreachable(&e) && lock(&self.machine).is_running(&container) => {
+                    debug!(container.id = %container, error = %e, "runtime unreachable; stopping again shortly");
+                    tokio::time::sleep(ACTION_RETRY).await;
+                }
+                r => {
+                    if let Err(e) = r {
+                        warn!(container.id = %container, error = %e, "stopping a container failed");
+                    }
+                    self.observe_exit(&container).await;
+                    return;
                 }
             }
         }
@@ -484,10 +654,7 @@ impl Inner {
                 r
             }
             Decision::Answer(Ok(())) => Ok(encode(&cri::StartContainerResponse {})),
-            Decision::Answer(Err(msg)) => {
-                self.mark_never_started(&req.container_id);
-                Err(tonic::Status::failed_precondition(msg))
-            }
+            Decision::Answer(Err(msg)) => Err(tonic::Status::failed_precondition(msg)),
         }
     }
 
@@ -516,10 +683,7 @@ impl Inner {
                 };
                 self.forward(&call, encode(&req)).await
             }
-            Decision::Answer(Ok(())) => {
-                self.mark_never_started(&req.container_id);
-                return Ok(encode(&cri::StopContainerResponse {}));
-            }
+            Decision::Answer(Ok(())) => return Ok(encode(&cri::StopContainerResponse {})),
             Decision::Answer(Err(msg)) => return Err(tonic::Status::failed_precondition(msg)),
         };
         self.observe_exit(&req.container_id).await;
@@ -578,7 +742,6 @@ impl Inner {
     async fn remove_container(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
         let req: cri::RemoveContainerRequest = decode(&call.message)?;
         let r = self.forward(&call, call.message.clone()).await?;
-        lock(&self.never_started_at).remove(&req.container_id);
         if lock(&self.machine).knows(&req.container_id) {
             self.feed(Event::ContainerRemoved {
                 container: req.container_id,
@@ -590,49 +753,24 @@ impl Inner {
     async fn remove_pod_sandbox(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
         let req: cri::RemovePodSandboxRequest = decode(&call.message)?;
         let r = self.forward(&call, call.message.clone()).await?;
-        lock(&self.specs).remove(&req.pod_sandbox_id);
-        lock(&self.rejected).remove(&req.pod_sandbox_id);
-        lock(&self.netns).remove(&req.pod_sandbox_id);
-        if lock(&self.machine).knows_pod(&req.pod_sandbox_id) {
-            self.feed(Event::PodRemoved {
-                pod: req.pod_sandbox_id,
-            });
-            let m = lock(&self.machine);
-            lock(&self.never_started_at).retain(|id, _| m.knows(id));
-        }
+        self.forget_pod(&req.pod_sandbox_id);
         Ok(r)
     }
 
-    fn nanos(&self, t: Instant) -> i64 {
-        let (i0, s0) = self.epoch;
-        let wall = if t >= i0 {
-            s0 + (t - i0)
-        } else {
-            s0 - (i0 - t)
-        };
-        wall.duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0)
-    }
-
-    /// When the container came to read as never started: the first time
-    /// this is asked (the shim refused or cancelled its start, or kubelet
-    /// first read it after its deferred start timed out), the same after.
-    fn never_started_nanos(&self, id: &str) -> i64 {
-        *lock(&self.never_started_at)
-            .entry(id.to_string())
-            .or_insert_with(|| self.nanos(Instant::now()))
-    }
-
-    /// Fix the time a container the shim will not start reads as exited.
-    fn mark_never_started(&self, id: &str) {
-        let never_started = matches!(
-            lock(&self.machine).status_override(id),
-            Some(StatusOverride::Exited { .. })
-        );
-        if never_started {
-            self.never_started_nanos(id);
+    /// Forget everything about a pod whose sandbox is gone.
+    fn forget_pod(self: &Arc<Self>, pod: &str) {
+        lock(&self.specs).remove(pod);
+        lock(&self.rejected).remove(pod);
+        lock(&self.netns).remove(pod);
+        if lock(&self.machine).knows_pod(pod) {
+            self.feed(Event::PodRemoved {
+                pod: pod.to_string(),
+            });
         }
+    }
+
+    fn nanos(&self, t: Instant) -> i64 {
+        self.clock.to_unix_nanos(t)
     }
 
     fn patch_status(&self, s: &mut cri::ContainerStatus) {
@@ -646,11 +784,14 @@ impl Inner {
                 code,
                 reason,
                 message,
+                at,
             }) => {
                 if s.state != cri::ContainerState::ContainerExited as i32 {
                     // Never started: kubelet must not take it for CREATED.
+                    // Its times stay fixed: kubelet measures the crash-loop
+                    // backoff from finished_at.
                     s.state = cri::ContainerState::ContainerExited as i32;
-                    let at = self.never_started_nanos(&s.id);
+                    let at = self.nanos(at);
                     if s.started_at == 0 {
                         s.started_at = at;
                     }
@@ -752,6 +893,216 @@ impl Drop for HeldGuard {
             lock(&self.inner.pending).remove(&self.id);
             debug!(call = self.id.0, "held call cancelled by the client");
             self.inner.feed(Event::Cancelled { call: self.id });
+        }
+    }
+}
+
+/// Whether a runtime call failed because the runtime could not be reached
+/// (as opposed to the runtime refusing it).
+fn unreachable(e: &tonic::Status) -> bool {
+    match e.code() {
+        tonic::Code::Unavailable => true,
+        // tonic's answer when the connection broke under the call.
+        tonic::Code::Unknown => e.message().contains("transport error"),
+        _ => false,
+    }
+}
+
+/// Start-up: reconcile with the runtime (retried until it answers), then
+/// the driver, the store's retries and the sweep of vanished pods.
+async fn start_up(me: Arc<Inner>) {
+    let started = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match me.reconcile().await {
+            Ok(()) => break,
+            Err(e) => {
+                if attempts == 1 {
+                    warn!(error = %e, "cannot list the runtime to reconcile with; trying again until it answers");
+                }
+                if attempts == 1 || started.elapsed() >= RECONCILE_WAIT {
+                    // Calls stop waiting for it; the state as recorded holds.
+                    me.reconciled.store(true, Ordering::Release);
+                    me.reconciled_notify.notify_waiters();
+                }
+                tokio::time::sleep(RECONCILE_RETRY).await;
+            }
+        }
+    }
+    tokio::spawn(driver(me.clone()));
+    if me.store.is_some() {
+        tokio::spawn(store_retry(me.clone()));
+    }
+    tokio::spawn(sweep(me));
+}
+
+impl Inner {
+    /// Square the machine with the runtime: list sandboxes and containers
+    /// (two calls, plus a ContainerStatus per exited container of a pod with
+    /// sidecars, for its exit code) and let the machine carry on.
+    async fn reconcile(self: &Arc<Self>) -> Result<(), tonic::Status> {
+        let started = Instant::now();
+        let runtime = self.list_runtime().await?;
+        let (actions, report) = {
+            let mut m = lock(&self.machine);
+            let (actions, report) = m.reconcile(Instant::now(), runtime);
+            self.persist(&mut m);
+            self.managed.store(
+                m.held_calls() > 0 || m.knows_any() || !lock(&self.rejected).is_empty(),
+                Ordering::Relaxed,
+            );
+            self.rewrites.store(m.rewrites_active(), Ordering::Relaxed);
+            (actions, report)
+        };
+        for pod in &report.vanished {
+            lock(&self.specs).remove(pod);
+            lock(&self.netns).remove(pod);
+        }
+        info!(
+            kept = report.kept,
+            rebuilt = report.rebuilt,
+            vanished = report.vanished.len(),
+            changed = report.changed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "reconciled with the runtime"
+        );
+        self.reconciled.store(true, Ordering::Release);
+        self.reconciled_notify.notify_waiters();
+        self.execute(actions);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The runtime's sandboxes and containers, as the machine wants them.
+    async fn list_runtime(self: &Arc<Self>) -> Result<Vec<RuntimePod>, tonic::Status> {
+        let mut rt = self.runtime.clone();
+        let sandboxes = rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await?
+            .into_inner()
+            .items;
+        let containers = rt
+            .list_containers(cri::ListContainersRequest { filter: None })
+            .await?
+            .into_inner()
+            .containers;
+        let mut by_pod: HashMap<String, Vec<cri::Container>> = HashMap::new();
+        for c in containers {
+            by_pod.entry(c.pod_sandbox_id.clone()).or_default().push(c);
+        }
+        let mut out = Vec::new();
+        for sb in sandboxes {
+            let known = lock(&self.machine).knows_pod(&sb.id);
+            let name = sb
+                .metadata
+                .as_ref()
+                .map(|m| format!("{}/{}", m.namespace, m.name))
+                .unwrap_or_default();
+            let spec = if known {
+                lock(&self.specs).get(&sb.id).cloned()
+            } else {
+                match spec::parse(&sb.annotations, &sb.labels, &self.defaults) {
+                    Ok(Some(spec)) => {
+                        let spec = Arc::new(spec);
+                        lock(&self.specs).insert(sb.id.clone(), spec.clone());
+                        Some(spec)
+                    }
+                    Ok(None) => None,
+                    Err(_) => {
+                        // Warned about when the pod was created; its calls
+                        // stay untouched, and RemovePodSandbox forgets it.
+                        lock(&self.rejected).insert(sb.id.clone());
+                        None
+                    }
+                }
+            };
+            if !known && spec.is_none() {
+                continue;
+            }
+            let mut listed = Vec::new();
+            for c in by_pod.remove(&sb.id).unwrap_or_default() {
+                let meta = c.metadata.clone().unwrap_or_default();
+                let state = match cri::ContainerState::try_from(c.state) {
+                    Ok(cri::ContainerState::ContainerCreated) => RuntimeState::Created,
+                    Ok(cri::ContainerState::ContainerRunning) => RuntimeState::Running,
+                    Ok(cri::ContainerState::ContainerExited) => {
+                        let code = rt
+                            .container_status(cri::ContainerStatusRequest {
+                                container_id: c.id.clone(),
+                                verbose: false,
+                            })
+                            .await
+                            .ok()
+                            .and_then(|r| r.into_inner().status)
+                            .map(|s| s.exit_code);
+                        match code {
+                            Some(code) => RuntimeState::Exited { code },
+                            None => RuntimeState::Unknown,
+                        }
+                    }
+                    _ => RuntimeState::Unknown,
+                };
+                let kind = c.annotations.get(CONTAINER_TYPE).map(String::as_str);
+                listed.push(RuntimeContainer {
+                    id: c.id.clone(),
+                    name: meta.name,
+                    attempt: meta.attempt,
+                    state,
+                    pre_stop: spec::parse_pre_stop(&c.annotations),
+                    grace: spec::grace_period(&c.annotations),
+                    regular: !matches!(kind, Some("init") | Some("ephemeral")),
+                });
+            }
+            out.push(RuntimePod {
+                id: sb.id,
+                name,
+                spec,
+                containers: listed,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Writes to the state directory that failed are tried again.
+async fn store_retry(me: Arc<Inner>) {
+    let Some(store) = &me.store else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(STORE_RETRY).await;
+        let pending = lock(store).has_pending();
+        if pending {
+            // Under the machine's lock, so that a newer record written by
+            // `feed` meanwhile is not overwritten by an older one.
+            let _m = lock(&me.machine);
+            lock(store).retry();
+        }
+    }
+}
+
+/// Pods whose sandbox went away without the shim seeing RemovePodSandbox
+/// (removed straight at the runtime, or while the shim was down and the
+/// reconcile missed it) are forgotten, with their state files.
+async fn sweep(me: Arc<Inner>) {
+    loop {
+        tokio::time::sleep(SWEEP_INTERVAL).await;
+        let known = lock(&me.machine).pod_ids();
+        if known.is_empty() {
+            continue;
+        }
+        let mut rt = me.runtime.clone();
+        let Ok(r) = rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+        else {
+            continue;
+        };
+        let present: HashSet<String> = r.into_inner().items.into_iter().map(|s| s.id).collect();
+        for pod in known.into_iter().filter(|p| !present.contains(p)) {
+            info!(pod.id = %pod, "sandbox gone from the runtime: forgetting the pod");
+            me.forget_pod(&pod);
         }
     }
 }

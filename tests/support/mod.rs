@@ -1104,7 +1104,20 @@ impl ShimProcess {
     /// EXTRA_ARGS...` with `RUST_LOG=debug` (or `$SIDECAR_SHIM_TEST_RUST_LOG`),
     /// stdout and stderr appended to `<listen without extension>.log` next to
     /// the socket, and wait until the listen socket accepts connections.
+    /// Unless EXTRA_ARGS name one, the state directory is
+    /// `<listen without extension>.state` next to the socket (never the
+    /// system's).
     pub async fn start(listen: &Path, runtime_socket: &Path, extra_args: &[&str]) -> Result<Self> {
+        Self::start_with_env(listen, runtime_socket, extra_args, &[]).await
+    }
+
+    /// [`ShimProcess::start`] with extra environment variables (failpoints).
+    pub async fn start_with_env(
+        listen: &Path,
+        runtime_socket: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let log_path = listen.with_extension("log");
         let mut log = OpenOptions::new()
             .create(true)
@@ -1123,8 +1136,12 @@ impl ShimProcess {
         cmd.arg("--listen")
             .arg(listen)
             .arg("--runtime-endpoint")
-            .arg(format!("unix://{}", runtime_socket.display()))
-            .args(extra_args)
+            .arg(format!("unix://{}", runtime_socket.display()));
+        if !extra_args.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(Self::default_state_dir(listen));
+        }
+        cmd.args(extra_args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -1142,6 +1159,11 @@ impl ShimProcess {
         };
         shim.wait_accepting(SHIM_START_TIMEOUT).await?;
         Ok(shim)
+    }
+
+    /// The state directory [`ShimProcess::start`] gives a shim on `listen`.
+    pub fn default_state_dir(listen: &Path) -> PathBuf {
+        listen.with_extension("state")
     }
 
     /// Wait until the listen socket accepts a connection (and the process
