@@ -305,6 +305,9 @@ struct Container {
     /// runtime answered the shim's own start.
     owed: Option<Deferral>,
     stop_request: Option<StopRequest>,
+    /// kubelet stopped it while the shim's own start was on its way to the
+    /// runtime (it reads as running): stop it once that start lands.
+    stop_after_start: Option<Duration>,
 }
 
 impl Container {
@@ -757,6 +760,7 @@ impl Machine {
                         stop_sent: false,
                         owed: None,
                         stop_request: None,
+                        stop_after_start: None,
                     },
                 );
                 self.supersede(now, &pod, &container, out);
@@ -832,8 +836,7 @@ impl Machine {
                 if ready {
                     out.push(Action::Forward(call));
                     self.set_state(&container, State::Starting);
-                } else if missing.is_some() && self.deferred_count() >= self.settings.max_deferred
-                {
+                } else if missing.is_some() && self.deferred_count() >= self.settings.max_deferred {
                     out.push(Action::Forward(call));
                     self.set_state(&container, State::Starting);
                     self.warn(
@@ -919,6 +922,13 @@ impl Machine {
                     };
                 }
                 c.owed = None;
+                if let (true, Some(timeout)) = (ok, c.stop_after_start.take()) {
+                    c.stop_sent = true;
+                    out.push(Action::Stop {
+                        container: container.clone(),
+                        timeout,
+                    });
+                }
                 let pod = c.pod.clone();
                 // Repeated starts that waited for this one get its outcome.
                 let joined: Vec<CallId> = self
@@ -998,6 +1008,19 @@ impl Machine {
                     if role == Role::Normal {
                         self.begin_termination(now, &pod_id);
                     }
+                    return Some(pod_id);
+                }
+                let start_in_flight = c.state == State::Starting && c.owed.is_some();
+                if start_in_flight && matches!(role, Role::Normal | Role::Init) {
+                    // The shim's start is in flight: the runtime may not
+                    // have the container running yet, so the stop would be
+                    // lost. Forward it (for its answer) and stop again once
+                    // the start lands. (A sidecar's stop is held, below.)
+                    if let Some(c) = self.containers.get_mut(&container) {
+                        c.stop_after_start = Some(timeout);
+                    }
+                    self.begin_termination(now, &pod_id);
+                    out.push(Action::Forward(call));
                     return Some(pod_id);
                 }
                 match role {
@@ -1214,9 +1237,9 @@ impl Machine {
             .iter()
             .filter(|id| id.as_str() != container)
             .filter(|id| {
-                self.containers.get(*id).is_some_and(|c| {
-                    c.name == name && matches!(c.state, State::Deferred { .. })
-                })
+                self.containers
+                    .get(*id)
+                    .is_some_and(|c| c.name == name && matches!(c.state, State::Deferred { .. }))
             })
             .cloned()
             .collect();
@@ -1387,6 +1410,23 @@ impl Machine {
         for (id, since, deadline, creations) in deferred {
             let terminating = self.pods[pod_id].terminating.is_some() || self.pods[pod_id].job_done;
             if terminating {
+                // Nothing starts in a pod that is going away; at its
+                // deadline the start fails, so that it stops reading as
+                // running.
+                if now >= deadline {
+                    self.set_state(
+                        &id,
+                        State::NeverStarted {
+                            code: 137,
+                            reason: "NeverStarted",
+                            message: "the pod was shutting down before its deferred start".into(),
+                            at: now,
+                        },
+                    );
+                    if let Some(c) = self.containers.get_mut(&id) {
+                        c.owed = None;
+                    }
+                }
                 continue;
             }
             let nothing_after = self.pods[pod_id].creations == creations;
@@ -1642,8 +1682,17 @@ impl Machine {
                 continue;
             }
             self.held.remove(&call);
+            let left = timeout.map(|t| {
+                t.saturating_sub(now - arrived)
+                    .max(self.settings.min_stop_grace)
+            });
             if let Some(c) = self.containers.get_mut(&id) {
                 c.stop_sent = true;
+                if c.state == State::Starting && c.owed.is_some() {
+                    // The shim's own start is still on its way: stop it
+                    // again once it lands.
+                    c.stop_after_start = Some(left.unwrap_or(self.settings.min_stop_grace));
+                }
             }
             let why = if exited {
                 "it exited meanwhile"

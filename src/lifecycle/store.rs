@@ -149,12 +149,14 @@ impl Store {
                 continue;
             };
             let result = match fs::read(&path) {
-                Ok(bytes) => decode(&bytes)
-                    .map(|body| body.to_vec())
-                    .map_err(|why| LoadError::Corrupt {
-                        path: path.clone(),
-                        why,
-                    }),
+                Ok(bytes) => {
+                    decode(&bytes)
+                        .map(|body| body.to_vec())
+                        .map_err(|why| LoadError::Corrupt {
+                            path: path.clone(),
+                            why,
+                        })
+                }
                 Err(source) => Err(LoadError::Read {
                     path: path.clone(),
                     source,
@@ -432,7 +434,10 @@ mod tests {
             .collect();
         assert_eq!(
             loaded,
-            vec![("p1".into(), b"uno".to_vec()), ("p2".into(), b"two".to_vec())]
+            vec![
+                ("p1".into(), b"uno".to_vec()),
+                ("p2".into(), b"two".to_vec())
+            ]
         );
         again.remove("p1");
         let left: Vec<String> = Store::open(dir.path())

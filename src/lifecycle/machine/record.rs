@@ -340,6 +340,7 @@ impl Machine {
                         arrived: at(r.arrived),
                         timeout: Duration::from_millis(r.timeout_ms),
                     }),
+                    stop_after_start: None,
                 },
             );
         }
@@ -367,7 +368,11 @@ impl Machine {
     /// know, take up state changes that happened while nobody watched, and
     /// carry on (deferred starts whose sidecars are ready, Job completion,
     /// stops owed).
-    pub fn reconcile(&mut self, now: Instant, runtime: Vec<RuntimePod>) -> (Vec<Action>, Reconciled) {
+    pub fn reconcile(
+        &mut self,
+        now: Instant,
+        runtime: Vec<RuntimePod>,
+    ) -> (Vec<Action>, Reconciled) {
         self.last_now = Some(self.last_now.map_or(now, |t| t.max(now)));
         let mut out = Vec::new();
         let mut report = Reconciled::default();
@@ -563,6 +568,7 @@ impl Machine {
                 stop_sent: done,
                 owed: None,
                 stop_request: None,
+                stop_after_start: None,
             },
         );
     }

@@ -31,6 +31,8 @@ struct World {
     next_call: u64,
     /// Container name → latest id.
     ids: HashMap<String, String>,
+    /// Every container created: (id, name, attempt).
+    all: Vec<(String, String, u32)>,
     answered: HashMap<CallId, usize>,
     actions: Vec<(Instant, Action)>,
 }
@@ -43,6 +45,7 @@ impl World {
             spec,
             next_call: 0,
             ids: HashMap::new(),
+            all: Vec::new(),
             answered: HashMap::new(),
             actions: Vec::new(),
         }
@@ -69,6 +72,7 @@ impl World {
         let id = format!("{name}-{}", self.actions.len() + self.next_call as usize);
         self.next_call += 1;
         self.ids.insert(name.to_string(), id.clone());
+        self.all.push((id.clone(), name.to_string(), attempt));
         self.feed(Event::Created {
             pod: "pod".into(),
             pod_name: "default/p".into(),
@@ -104,6 +108,103 @@ impl World {
         self.now += d;
         self.feed(Event::Tick)
     }
+
+    /// The shim restarts: a new machine restored from the records (through
+    /// their JSON, as on disk), reconciled with `runtime`.
+    fn crash(&mut self, runtime: Vec<RuntimePod>) -> (Vec<Action>, Reconciled) {
+        let clock = WallClock::at(self.now, std::time::SystemTime::now());
+        let records: Vec<Vec<u8>> = self
+            .m
+            .pod_ids()
+            .iter()
+            .filter_map(|p| self.m.record(p, &clock))
+            .map(|r| serde_json::to_vec(&r).expect("encodes"))
+            .collect();
+        let mut m = Machine::new(self.m.settings.clone());
+        for r in records {
+            m.restore(
+                self.now,
+                &clock,
+                serde_json::from_slice(&r).expect("decodes"),
+            );
+        }
+        self.m = m;
+        let (out, report) = self.m.reconcile(self.now, runtime);
+        for a in &out {
+            self.actions.push((self.now, a.clone()));
+        }
+        (out, report)
+    }
+
+    /// The runtime's view of the one pod: `state` per container id.
+    fn runtime(&self, state: impl Fn(&str) -> RuntimeState) -> Vec<RuntimePod> {
+        vec![RuntimePod {
+            id: "pod".into(),
+            name: "default/p".into(),
+            spec: Some(self.spec.clone()),
+            containers: self
+                .all
+                .iter()
+                .map(|(id, name, attempt)| RuntimeContainer {
+                    id: id.clone(),
+                    name: name.clone(),
+                    attempt: *attempt,
+                    state: state(id),
+                    pre_stop: None,
+                    grace: Some(Duration::from_secs(30)),
+                    regular: true,
+                })
+                .collect(),
+        }]
+    }
+
+    fn started(&mut self, name: &str) -> Vec<Action> {
+        let id = self.ids[name].clone();
+        self.feed(Event::StartDone {
+            container: id,
+            ok: true,
+        })
+    }
+
+    fn ready(&mut self, name: &str) -> Vec<Action> {
+        let id = self.ids[name].clone();
+        self.feed(Event::Ready { container: id })
+    }
+
+    fn exited(&mut self, name: &str, code: i32) -> Vec<Action> {
+        let id = self.ids[name].clone();
+        self.feed(Event::Exited {
+            container: id,
+            code,
+        })
+    }
+
+    fn stop(&mut self, name: &str, timeout: Duration) -> (CallId, Vec<Action>) {
+        let call = self.call();
+        let id = self.ids[name].clone();
+        (
+            call,
+            self.feed(Event::StopCalled {
+                call,
+                container: id,
+                timeout,
+                deadline: None,
+            }),
+        )
+    }
+}
+
+fn stops_of(actions: &[Action], container: &str) -> Vec<Duration> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Stop {
+                container: c,
+                timeout,
+            } if c == container => Some(*timeout),
+            _ => None,
+        })
+        .collect()
 }
 
 fn forwarded(actions: &[Action], call: CallId) -> bool {
@@ -305,6 +406,11 @@ enum Step {
     Delete,
     StopOne(usize),
     Advance(u64),
+    /// The shim restarts (held calls fail; the state is restored from its
+    /// records and reconciled with the runtime). With true, the starts and
+    /// stops it had sent reached the runtime (their answers were lost); with
+    /// false, they were lost with it.
+    Crash(bool),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -316,6 +422,7 @@ fn step() -> impl Strategy<Value = Step> {
         Just(Step::Delete),
         (0..4usize).prop_map(Step::StopOne),
         (1..5000u64).prop_map(Step::Advance),
+        any::<bool>().prop_map(Step::Crash),
     ]
 }
 
@@ -331,6 +438,24 @@ fn restart() -> impl Strategy<Value = Restart> {
 
 const NAMES: [&str; 4] = ["s0", "s1", "app", "worker"];
 
+/// kubelet asks to stop a container: the first wish's arrival and the
+/// shortest timeout stand.
+fn wish(wishes: &mut HashMap<String, (Instant, Duration)>, id: &str, now: Instant, t: Duration) {
+    let e = wishes.entry(id.to_string()).or_insert((now, t));
+    e.1 = e.1.min(t);
+}
+
+/// What the model's runtime has yet to carry out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Land {
+    /// kubelet's start, forwarded: kubelet waits for its answer.
+    KubeletStart,
+    /// The shim's own start of a deferred container.
+    ShimStart,
+    /// A stop: the container exits.
+    Exit,
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
 
@@ -340,7 +465,9 @@ proptest! {
     /// 2. during pod deletion no sidecar gets its stop from the shim while a
     ///    normal container runs, unless that stop's grace ran out;
     /// 3. every held call is answered exactly once, at the latest once
-    ///    enough time has passed.
+    ///    enough time has passed (a restart of the shim answers the calls
+    ///    it held with an error);
+    /// and all of this across restarts of the shim at any step.
     #[test]
     fn invariants(random in proptest::collection::vec(step(), 1..60), restart in restart(), start_on_timeout in any::<bool>(), warm in any::<bool>()) {
         // Half the cases start from a pod that came up normally, so that
@@ -356,6 +483,8 @@ proptest! {
             }
         }
         steps.extend(random);
+        // Enough time for every bound to pass.
+        steps.extend((0..5).map(|_| Step::Advance(200_000)));
         let on_timeout = if start_on_timeout { OnReadyTimeout::Start } else { OnReadyTimeout::Fail };
         let mut w = World::new(spec(&["s0", "s1"], restart, on_timeout));
         // The model's truth: which container ids really run, sidecar readiness.
@@ -373,6 +502,12 @@ proptest! {
         // Containers the machine took for init containers (deferred with
         // nothing created after them): they start without their sidecars.
         let mut init: std::collections::HashSet<String> = Default::default();
+        let mut codes: HashMap<String, i32> = HashMap::new();
+        // kubelet's first stop of each container: (arrived, timeout).
+        let mut wishes: HashMap<String, (Instant, Duration)> = HashMap::new();
+        // Starts and stops sent to the runtime, not carried out yet: they
+        // land with the next step that lets time pass. (true: a start.)
+        let mut landing: Vec<(Land, String)> = Vec::new();
 
         let is_sidecar = |name: &str| name.starts_with('s');
         let name_of = |id: &str| id.split('-').next().unwrap_or("").to_string();
@@ -381,14 +516,17 @@ proptest! {
             let out = match s {
                 Step::Create(i) => {
                     let name = NAMES[i];
-                    let live = w.ids.get(name).is_some_and(|id| running.get(id).copied().unwrap_or(false));
+                    // kubelet creates a new attempt only when the latest one
+                    // is not running and no start of it is under way.
+                    let live = w.ids.get(name).is_some_and(|id| running.contains_key(id) && !exited.contains(id));
                     if live || deleting { continue; }
                     w.create(name);
                     continue;
                 }
                 Step::Start(i) => {
                     let Some(id) = w.ids.get(NAMES[i]).cloned() else { continue };
-                    if running.contains_key(&id) || exited.contains(&id) { continue; }
+                    // kubelet starts nothing in a pod being deleted.
+                    if running.contains_key(&id) || exited.contains(&id) || deleting { continue; }
                     let (call, out) = w.start(NAMES[i]);
                     calls.push(call);
                     start_calls.insert(call, id.clone());
@@ -408,23 +546,39 @@ proptest! {
                     running.remove(&id);
                     ready.remove(&id);
                     exited.insert(id.clone());
+                    codes.insert(id.clone(), code);
                     w.feed(Event::Exited { container: id, code })
                 }
                 Step::Delete => {
-                    if deleting { continue; }
+                    // kubelet's kill waits for the sync in progress: not
+                    // while one of its starts is held.
+                    let start_held = start_calls.keys().any(|c| w.answered.get(c).copied().unwrap_or(0) == 0);
+                    if deleting || start_held { continue; }
                     deleting = true;
                     let mut out = Vec::new();
-                    let ids: Vec<String> = w.ids.values().cloned().collect();
+                    // kubelet's pod worker kills only after its starts
+                    // returned.
+                    let (kubelets, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut landing).into_iter().partition(|(k, _)| *k == Land::KubeletStart);
+                    landing = rest;
+                    for (_, id) in kubelets {
+                        running.insert(id.clone(), true);
+                        out.extend(w.feed(Event::StartDone { container: id, ok: true }));
+                    }
+                    let ids: Vec<String> = w.all.iter().map(|(id, ..)| id.clone()).collect();
                     // kubelet stops every running container; normal ones first
                     // here, the machine must not depend on the order.
                     let mut ids = ids;
                     ids.sort_by_key(|id| is_sidecar(&name_of(id)));
                     for id in ids {
-                        // kubelet stops what reads as running: really running, or deferred.
-                        if !running.get(&id).copied().unwrap_or(false) && !deferred.contains(&id) { continue; }
+                        // kubelet stops what reads as running: really
+                        // running, or deferred, or the shim's start on its way.
+                        let reads_running = running.get(&id).copied().unwrap_or(false)
+                            || matches!(w.m.status_override(&id), Some(StatusOverride::Running { .. }));
+                        if !reads_running { continue; }
                         let call = w.call();
                         calls.push(call);
                         stops.insert(call, (id.clone(), w.now, Duration::from_secs(30)));
+                        wish(&mut wishes, &id, w.now, Duration::from_secs(30));
                         out.extend(w.feed(Event::StopCalled { call, container: id, timeout: Duration::from_secs(30), deadline: None }));
                     }
                     out
@@ -435,9 +589,88 @@ proptest! {
                     let call = w.call();
                     calls.push(call);
                     stops.insert(call, (id.clone(), w.now, Duration::from_secs(5)));
+                    wish(&mut wishes, &id, w.now, Duration::from_secs(5));
                     w.feed(Event::StopCalled { call, container: id, timeout: Duration::from_secs(5), deadline: None })
                 }
-                Step::Advance(ms) => w.advance(Duration::from_millis(ms)),
+                Step::Advance(ms) => {
+                    let mut out = Vec::new();
+                    for (kind, id) in std::mem::take(&mut landing) {
+                        if kind != Land::Exit {
+                            running.insert(id.clone(), true);
+                            deferred.remove(&id);
+                            out.extend(w.feed(Event::StartDone { container: id, ok: true }));
+                        } else if running.get(&id).copied().unwrap_or(false) {
+                            running.remove(&id);
+                            ready.remove(&id);
+                            exited.insert(id.clone());
+                            codes.insert(id.clone(), 143);
+                            out.extend(w.feed(Event::Exited { container: id, code: 143 }));
+                        }
+                    }
+                    out.extend(w.advance(Duration::from_millis(ms)));
+                    out
+                }
+                Step::Crash(landed) => {
+                    // The calls it held fail with the connection; kubelet
+                    // makes a new attempt of a container whose start failed.
+                    for c in &calls {
+                        if w.answered.get(c).copied().unwrap_or(0) == 0 {
+                            if let Some(id) = start_calls.get(c) {
+                                if !running.get(id).copied().unwrap_or(false) {
+                                    running.remove(id);
+                                }
+                            }
+                        }
+                        w.answered.entry(*c).or_insert(1);
+                    }
+                    for (kind, id) in std::mem::take(&mut landing) {
+                        if !landed {
+                            // The start never happened: kubelet sees the
+                            // container CREATED and makes a new attempt
+                            // (unless it was told the start happened).
+                            if kind != Land::Exit && !deferred.contains(&id) {
+                                running.remove(&id);
+                            }
+                            continue;
+                        }
+                        if kind != Land::Exit {
+                            running.insert(id.clone(), true);
+                            deferred.remove(&id);
+                        } else if running.get(&id).copied().unwrap_or(false) {
+                            running.remove(&id);
+                            ready.remove(&id);
+                            exited.insert(id.clone());
+                            codes.insert(id.clone(), 143);
+                        }
+                    }
+                    let view = w.runtime(|id| {
+                        if running.get(id).copied().unwrap_or(false) {
+                            RuntimeState::Running
+                        } else if exited.contains(id) {
+                            RuntimeState::Exited { code: codes.get(id).copied().unwrap_or(143) }
+                        } else {
+                            RuntimeState::Created
+                        }
+                    });
+                    let (mut out, _) = w.crash(view);
+                    if deleting {
+                        // kubelet's killPod failed with the connection: it
+                        // tries again, stopping what reads as running.
+                        let mut ids: Vec<String> = w.all.iter().map(|(id, ..)| id.clone()).collect();
+                        ids.sort_by_key(|id| is_sidecar(&name_of(id)));
+                        for id in ids {
+                            let reads_running = running.get(&id).copied().unwrap_or(false)
+                                || matches!(w.m.status_override(&id), Some(StatusOverride::Running { .. }));
+                            if !reads_running { continue; }
+                            let call = w.call();
+                            calls.push(call);
+                            stops.insert(call, (id.clone(), w.now, Duration::from_secs(30)));
+                            wish(&mut wishes, &id, w.now, Duration::from_secs(30));
+                            out.extend(w.feed(Event::StopCalled { call, container: id, timeout: Duration::from_secs(30), deadline: None }));
+                        }
+                    }
+                    out
+                }
             };
             // Apply the actions to the model and check the invariants.
             let mut queue = out;
@@ -471,40 +704,43 @@ proptest! {
                     let all_ready = needed.iter().all(|s| w.ids.get(*s).is_some_and(|sid| ready.get(sid).copied().unwrap_or(false) && running.get(sid).copied().unwrap_or(false)));
                     let timed_out = waiting_since.get(&id).is_some_and(|t| w.now >= *t + Duration::from_secs(10) - Duration::from_millis(1));
                     prop_assert!(all_ready || timed_out || init.contains(&id), "{name} started with sidecars not ready at {:?}", w.now);
-                    running.insert(id.clone(), true);
-                    deferred.remove(&id);
-                    queue.extend(w.feed(Event::StartDone { container: id, ok: true }));
+                    let kind = if matches!(a, Action::Start(_)) { Land::ShimStart } else { Land::KubeletStart };
+                    landing.push((kind, id));
                 }
                 let stopped = match &a {
-                    Action::ForwardStop { call, .. } | Action::Forward(call) => stops.get(call).map(|(id, arrived, t)| (id.clone(), Some((*arrived, *t)))),
-                    Action::Stop { container, .. } => Some((container.clone(), None)),
+                    // A repeated stop shares the first one's wait.
+                    Action::ForwardStop { call, .. } | Action::Forward(call) => stops.get(call).map(|(id, ..)| (id.clone(), wishes.get(id).copied())),
+                    // The shim's own stop: Job completion, teardown, or a
+                    // stop kubelet asked for before a restart.
+                    Action::Stop { container, .. } => Some((container.clone(), wishes.get(container).copied())),
                     _ => None,
                 };
                 if let Some((id, held)) = stopped {
-                    if deleting && is_sidecar(&name_of(&id)) {
+                    // (A stop of a sidecar that exited already signals nothing.)
+                    if deleting && is_sidecar(&name_of(&id)) && running.get(&id).copied().unwrap_or(false) {
                         let normal_running = running.iter().any(|(cid, r)| *r && !is_sidecar(&name_of(cid)) && !init.contains(cid));
                         let grace_out = held.is_some_and(|(arrived, t)| w.now >= arrived + t + Duration::from_secs(1));
-                        prop_assert!(!normal_running || grace_out, "sidecar {id} stopped while a normal container runs");
+                        prop_assert!(!normal_running || grace_out, "sidecar {id} stopped while a normal container runs: {:?}\n{:#?}\n{:?}", running, w.actions.iter().map(|(t, a)| format!("{:?} {:?}", t, a)).collect::<Vec<_>>(), w.m.containers.iter().map(|(k, c)| format!("{k}: {:?} {:?} {:?}", c.role, c.state, c.stop_sent)).collect::<Vec<_>>());
                     }
                     if running.get(&id).copied().unwrap_or(false) {
-                        running.remove(&id);
-                        ready.remove(&id);
-                        exited.insert(id.clone());
-                        queue.extend(w.feed(Event::Exited { container: id, code: 143 }));
+                        landing.push((Land::Exit, id));
                     }
-                }
-            }
-        }
-        // Enough time for every bound to pass.
-        for _ in 0..5 {
-            let out = w.advance(Duration::from_secs(200));
-            for a in out {
-                if let Action::Start(id) = a {
-                    w.feed(Event::StartDone { container: id, ok: true });
                 }
             }
         }
         prop_assert_eq!(w.m.held_calls(), 0);
+        // 4. Promises are kept, restarts or not: a start the shim answered
+        // happened or reads as never started; a deleted pod ends with
+        // nothing running.
+        for id in &deferred {
+            let started = running.get(id).copied().unwrap_or(false);
+            let never = matches!(w.m.status_override(id), Some(StatusOverride::Exited { .. }));
+            prop_assert!(started || never || !w.m.knows(id), "{id}: answered as started, neither started nor failed: {:?}", w.m.status_override(id));
+        }
+        if deleting {
+            let left: Vec<&String> = running.iter().filter(|(_, r)| **r).map(|(id, _)| id).collect();
+            prop_assert!(left.is_empty(), "still running after the pod's deletion: {left:?}");
+        }
         for c in calls {
             let n = w.answered.get(&c).copied().unwrap_or(0);
             prop_assert_eq!(n, 1, "call {:?} answered {} times", c, n);
@@ -628,4 +864,370 @@ fn a_deferred_container_nothing_follows_is_an_init_container() {
         !out.iter().any(|a| matches!(a, Action::Stop { .. })),
         "{out:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Restarts of the shim, repeated calls, caps
+
+/// A pod [proxy, app] (app listed second) up to the proxy ready.
+fn proxy_running(w: &mut World) -> String {
+    let proxy = w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    proxy
+}
+
+fn running_except(w: &World, created: &[&str]) -> Vec<RuntimePod> {
+    let created: Vec<String> = created.iter().map(|n| w.ids[*n].clone()).collect();
+    w.runtime(|id| {
+        if created.iter().any(|c| c == id) {
+            RuntimeState::Created
+        } else {
+            RuntimeState::Running
+        }
+    })
+}
+
+#[test]
+fn a_deferred_start_survives_a_restart_and_happens_when_the_sidecar_is_ready() {
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    let app = w.create("app");
+    w.start("app");
+    let proxy = proxy_running(&mut w);
+    let (out, report) = w.crash(running_except(&w, &["app"]));
+    assert_eq!(report.kept, 1);
+    assert!(!out.contains(&Action::Start(app.clone())), "{out:?}");
+    assert!(matches!(
+        w.m.status_override(&app),
+        Some(StatusOverride::Running { .. })
+    ));
+    // Readiness is checked again.
+    assert_eq!(w.m.probes(), vec![(proxy.clone(), "pod".to_string())]);
+    let out = w.ready("proxy");
+    assert!(out.contains(&Action::Start(app)), "{out:?}");
+}
+
+#[test]
+fn a_start_the_shim_had_sent_is_sent_again_unless_the_runtime_has_it_running() {
+    for landed in [false, true] {
+        let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+        let app = w.create("app");
+        w.start("app");
+        proxy_running(&mut w);
+        let out = w.ready("proxy");
+        assert!(out.contains(&Action::Start(app.clone())));
+        // The shim dies before the runtime's answer.
+        let view = if landed {
+            running_except(&w, &[])
+        } else {
+            running_except(&w, &["app"])
+        };
+        let (out, _) = w.crash(view);
+        assert_eq!(
+            out.contains(&Action::Start(app.clone())),
+            !landed,
+            "{out:?}"
+        );
+        if landed {
+            assert_eq!(w.m.status_override(&app), None);
+        } else {
+            // Still reads as running meanwhile.
+            assert!(matches!(
+                w.m.status_override(&app),
+                Some(StatusOverride::Running { .. })
+            ));
+        }
+    }
+}
+
+#[test]
+fn job_completion_resumes_after_a_restart_and_keeps_the_exit_code_rewrite() {
+    for stop_landed in [false, true] {
+        let mut w = World::new(spec(
+            &["proxy"],
+            Restart::Explicit(RestartPolicy::Never),
+            OnReadyTimeout::Fail,
+        ));
+        let proxy = proxy_running(&mut w);
+        w.ready("proxy");
+        w.create("main");
+        w.start("main");
+        w.started("main");
+        w.advance(Duration::from_secs(2));
+        let out = w.exited("main", 0);
+        assert_eq!(stops_of(&out, &proxy).len(), 1, "{out:?}");
+        let main = w.ids["main"].clone();
+        let view = w.runtime(|id| {
+            if id == main {
+                RuntimeState::Exited { code: 0 }
+            } else if stop_landed {
+                RuntimeState::Exited { code: 143 }
+            } else {
+                RuntimeState::Running
+            }
+        });
+        let (out, _) = w.crash(view);
+        assert_eq!(
+            stops_of(&out, &proxy).len(),
+            usize::from(!stop_landed),
+            "{out:?}"
+        );
+        assert!(matches!(
+            w.m.status_override(&proxy),
+            Some(StatusOverride::IfExited { code: 0, .. })
+        ));
+    }
+}
+
+#[test]
+fn a_held_sidecar_stop_is_resumed_after_a_restart_once_the_app_exits() {
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    let proxy = proxy_running(&mut w);
+    w.ready("proxy");
+    w.create("app");
+    w.start("app");
+    w.started("app");
+    let (app_call, out) = w.stop("app", Duration::from_secs(30));
+    assert!(forwarded(&out, app_call));
+    let (_, out) = w.stop("proxy", Duration::from_secs(30));
+    assert!(!out.iter().any(|a| matches!(a, Action::ForwardStop { .. })));
+    w.now += Duration::from_secs(5);
+    let (out, _) = w.crash(running_except(&w, &[]));
+    assert!(stops_of(&out, &proxy).is_empty(), "{out:?}");
+    let out = w.advance(Duration::from_secs(3));
+    assert!(stops_of(&out, &proxy).is_empty(), "{out:?}");
+    let out = w.exited("app", 0);
+    // 30 s from kubelet's stop, 8 s gone.
+    assert_eq!(
+        stops_of(&out, &proxy),
+        vec![Duration::from_secs(22)],
+        "{out:?}"
+    );
+    // kubelet's retried stop joins: forwarded at once.
+    let (call, out) = w.stop("proxy", Duration::from_secs(30));
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::ForwardStop { call: c, .. } if *c == call)),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_repeated_sidecar_stop_joins_the_first_ones_wait() {
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    proxy_running(&mut w);
+    w.ready("proxy");
+    w.create("app");
+    w.start("app");
+    w.started("app");
+    w.stop("app", Duration::from_secs(30));
+    let (first, _) = w.stop("proxy", Duration::from_secs(30));
+    w.now += Duration::from_secs(5);
+    let (second, _) = w.stop("proxy", Duration::from_secs(30));
+    w.now += Duration::from_secs(1);
+    let out = w.exited("app", 0);
+    let timeouts: Vec<(CallId, Duration)> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::ForwardStop { call, timeout } => Some((*call, *timeout)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        timeouts,
+        vec![
+            (first, Duration::from_secs(24)),
+            (second, Duration::from_secs(24))
+        ]
+    );
+    // Out of grace at the first one's deadline, not the second's.
+    let mut w2 = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    proxy_running(&mut w2);
+    w2.create("app");
+    w2.start("app");
+    w2.started("app");
+    w2.stop("app", Duration::from_secs(30));
+    w2.stop("proxy", Duration::from_secs(10));
+    w2.now += Duration::from_secs(5);
+    let (second, _) = w2.stop("proxy", Duration::from_secs(10));
+    let out = w2.advance(Duration::from_secs(6) + Duration::from_millis(10));
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::ForwardStop { call, .. } if *call == second)),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn repeated_starts_end_where_the_first_one_does() {
+    // Deferred: answered again at once, the deferral unchanged.
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    let app = w.create("app");
+    w.start("app");
+    let before = w.m.status_override(&app);
+    w.now += Duration::from_secs(1);
+    let (c, out) = w.start("app");
+    assert!(out.contains(&Action::Answer {
+        call: c,
+        result: Ok(())
+    }));
+    assert_eq!(w.m.status_override(&app), before);
+
+    // Held: two calls wait together; one start reaches the runtime and the
+    // other gets its outcome.
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    let proxy = proxy_running(&mut w);
+    let app = w.create("app");
+    let (first, _) = w.start("app");
+    let (second, _) = w.start("app");
+    let out = w.feed(Event::Ready { container: proxy });
+    assert!(
+        forwarded(&out, first) && !forwarded(&out, second),
+        "{out:?}"
+    );
+    assert!(!out
+        .iter()
+        .any(|a| matches!(a, Action::Answer { call, .. } if *call == second)));
+    let out = w.feed(Event::StartDone {
+        container: app,
+        ok: true,
+    });
+    assert!(out.contains(&Action::Answer {
+        call: second,
+        result: Ok(())
+    }));
+    // Running: the runtime answers a repeat as it would.
+    let (third, out) = w.start("app");
+    assert!(forwarded(&out, third));
+
+    // Refused: the same refusal again.
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    proxy_running(&mut w);
+    w.create("app");
+    w.start("app");
+    w.advance(Duration::from_secs(11));
+    let (c, out) = w.start("app");
+    assert!(
+        out.iter().any(
+            |a| matches!(a, Action::Answer { call, result: Err(r) } if *call == c && r.message.contains("proxy"))
+        ),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_newer_attempt_supersedes_a_deferred_start() {
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    let old = w.create("app");
+    w.start("app");
+    let new = w.create("app");
+    assert!(matches!(
+        w.m.status_override(&old),
+        Some(StatusOverride::Exited { code: 137, .. })
+    ));
+    w.start("app");
+    proxy_running(&mut w);
+    let out = w.ready("proxy");
+    assert!(out.contains(&Action::Start(new)), "{out:?}");
+    assert!(!out.contains(&Action::Start(old)), "{out:?}");
+}
+
+#[test]
+fn reconcile_forgets_vanished_pods_and_rebuilds_annotated_ones() {
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    let proxy = proxy_running(&mut w);
+    let (_, report) = w.crash(Vec::new());
+    assert_eq!(report.vanished, vec!["pod".to_string()]);
+    assert!(!w.m.knows(&proxy) && !w.m.knows_any());
+    // A pod the state directory lost: rebuilt from the runtime.
+    let view = vec![RuntimePod {
+        id: "other".into(),
+        name: "default/o".into(),
+        spec: Some(w.spec.clone()),
+        containers: vec![
+            RuntimeContainer {
+                id: "c-proxy".into(),
+                name: "proxy".into(),
+                attempt: 0,
+                state: RuntimeState::Running,
+                pre_stop: None,
+                grace: Some(Duration::from_secs(7)),
+                regular: true,
+            },
+            RuntimeContainer {
+                id: "c-init".into(),
+                name: "setup".into(),
+                attempt: 0,
+                state: RuntimeState::Exited { code: 0 },
+                pre_stop: None,
+                grace: None,
+                regular: false,
+            },
+        ],
+    }];
+    let (_, report) = w.m.reconcile(w.now, view);
+    assert_eq!(report.rebuilt, 1);
+    assert!(w.m.knows("c-proxy") && !w.m.knows("c-init"));
+    assert!(w.m.needs_probe("c-proxy"));
+}
+
+#[test]
+fn beyond_the_caps_calls_are_forwarded_with_a_warning() {
+    let settings = Settings {
+        max_pods: 1,
+        max_held: 1,
+        max_deferred: 1,
+        ..Settings::default()
+    };
+    let warned = |out: &[Action]| out.iter().any(|a| matches!(a, Action::Warn(_)));
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    w.m = Machine::new(settings);
+    // Deferred starts: the second one starts at once.
+    w.create("app");
+    let (_, out) = w.start("app");
+    assert!(!warned(&out));
+    w.create("worker");
+    let (c, out) = w.start("worker");
+    assert!(forwarded(&out, c) && warned(&out), "{out:?}");
+    // Held calls: the second one is forwarded.
+    proxy_running(&mut w);
+    w.create("a");
+    let (c1, out) = w.start("a");
+    assert!(!forwarded(&out, c1));
+    w.create("b");
+    let (c2, out) = w.start("b");
+    assert!(forwarded(&out, c2) && warned(&out), "{out:?}");
+    // Pods: a second pod is not managed.
+    let out = w.feed(Event::Created {
+        pod: "pod2".into(),
+        pod_name: "default/q".into(),
+        spec: w.spec.clone(),
+        container: "q-app".into(),
+        name: "app".into(),
+        attempt: 0,
+        pre_stop: None,
+        grace: None,
+    });
+    assert!(warned(&out) && !w.m.knows("q-app"), "{out:?}");
+}
+
+#[test]
+fn records_round_trip_through_json() {
+    let mut w = World::new(spec(
+        &["proxy"],
+        Restart::Explicit(RestartPolicy::Never),
+        OnReadyTimeout::Fail,
+    ));
+    w.create("app");
+    w.start("app");
+    proxy_running(&mut w);
+    w.stop("proxy", Duration::from_secs(9));
+    let clock = WallClock::at(w.now, std::time::SystemTime::now());
+    let record = w.m.record("pod", &clock).unwrap();
+    let json = serde_json::to_vec(&record).unwrap();
+    let back: PodRecord = serde_json::from_slice(&json).unwrap();
+    assert_eq!(back, record);
+    let mut m = Machine::new(Settings::default());
+    m.restore(w.now, &clock, back);
+    assert_eq!(m.record("pod", &clock).unwrap(), record);
 }
