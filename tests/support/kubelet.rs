@@ -430,6 +430,9 @@ pub enum Event {
         sandbox_id: String,
     },
     Killing(KillReason),
+    /// Killing the pod failed (a StopContainer or StopPodSandbox, or reading
+    /// the status, failed): it is tried again after `kill_retry`.
+    KillFailed(String),
     /// Reading the pod's status failed (the sync is retried).
     StatusError(String),
 }
@@ -517,6 +520,11 @@ pub struct KubeletConfig {
     pub max_backoff: Duration,
     /// `--runtime-request-timeout` (2 min): the deadline of most calls.
     pub runtime_request_timeout: Duration,
+    /// When killing a pod fails, the pod worker tries again after this long
+    /// (kubelet source: pod_workers.go completeWork requeues a failed
+    /// SyncTerminatingPod after kubelet.go's backOffPeriod, 10 s, with
+    /// jitter).
+    pub kill_retry: Duration,
 }
 
 impl Default for KubeletConfig {
@@ -527,6 +535,7 @@ impl Default for KubeletConfig {
             initial_backoff: Duration::from_secs(10),
             max_backoff: Duration::from_secs(300),
             runtime_request_timeout: Duration::from_secs(120),
+            kill_retry: Duration::from_secs(10),
         }
     }
 }
@@ -1409,12 +1418,52 @@ impl PodState {
     /// kubelet's killPodWithSyncResult: every RUNNING container of the status
     /// in parallel (one task each), wait for all, then StopPodSandbox for
     /// each sandbox. CREATED containers get no StopContainer.
+    /// kubelet's killPod, tried again (with a fresh status) until it
+    /// succeeds, as the pod worker does with a failed SyncTerminatingPod.
+    /// Returns the stop timings of every try, in order.
+    async fn kill_pod_until_done(
+        self: &Arc<Self>,
+        reason: KillReason,
+        grace: i64,
+        snap: Snapshot,
+    ) -> Vec<StopTiming> {
+        let mut timings = Vec::new();
+        let mut snap = Some(snap);
+        loop {
+            let failure = match snap.take() {
+                Some(snap) => {
+                    let (t, failure) = self.kill_pod(reason, grace, &snap).await;
+                    timings.extend(t);
+                    failure
+                }
+                None => match self.get_pod_status(Origin::Kill).await {
+                    Ok(snap) => {
+                        self.take_status(&snap, false);
+                        let (t, failure) = self.kill_pod(reason, grace, &snap).await;
+                        timings.extend(t);
+                        failure
+                    }
+                    Err(e) => Some(format!("reading the status: {e:#}")),
+                },
+            };
+            match failure {
+                None => return timings,
+                Some(why) => {
+                    self.event(Event::KillFailed(why));
+                    tokio::time::sleep(self.kubelet.config.kill_retry).await;
+                }
+            }
+        }
+    }
+
+    /// One try of kubelet's killPod. Returns the stop timings and, if
+    /// anything failed, what.
     async fn kill_pod(
         self: &Arc<Self>,
         reason: KillReason,
         grace: i64,
         snap: &Snapshot,
-    ) -> Vec<StopTiming> {
+    ) -> (Vec<StopTiming>, Option<String>) {
         self.event(Event::Killing(reason));
         let mut tasks = JoinSet::new();
         for c in &snap.containers {
@@ -1445,8 +1494,14 @@ impl PodState {
         if ids.is_empty() {
             ids.push(self.sandbox_id().to_string());
         }
+        let mut failure = timings
+            .iter()
+            .find_map(|t| t.error.as_ref())
+            .map(|e| format!("StopContainer: {:?} {}", e.code, e.message));
         for id in ids {
-            let _ = self
+            // kubelet stops the sandboxes even when a container's stop
+            // failed (killPodWithSyncResult); NotFound counts as done.
+            let (_, res) = self
                 .cri(
                     Rec::new("StopPodSandbox", Origin::Kill).id(&id),
                     rt.stop_pod_sandbox(request(
@@ -1457,8 +1512,13 @@ impl PodState {
                     )),
                 )
                 .await;
+            if let Err(s) = res {
+                if s.code() != tonic::Code::NotFound && failure.is_none() {
+                    failure = Some(format!("StopPodSandbox: {s}"));
+                }
+            }
         }
-        timings
+        (timings, failure)
     }
 
     /// One pod worker sync after the first (kubelet's SyncPod with
@@ -1477,7 +1537,7 @@ impl PodState {
             // kubelet's SyncPod reports the pod terminal; the pod worker then
             // runs SyncTerminatingPod, which kills it with the pod's grace
             // period (kubelet source: kubelet.go SyncPod, pod_workers.go).
-            self.kill_pod(KillReason::Terminal, self.def.grace_secs(), &snap)
+            self.kill_pod_until_done(KillReason::Terminal, self.def.grace_secs(), snap)
                 .await;
             if let Ok(after) = self.get_pod_status(Origin::Kill).await {
                 self.take_status(&after, true);
@@ -1959,7 +2019,9 @@ impl PodHandle {
         } else {
             let snap = st.get_pod_status(Origin::Kill).await?;
             st.take_status(&snap, false);
-            let timings = st.kill_pod(KillReason::Deleted, grace, &snap).await;
+            let timings = st
+                .kill_pod_until_done(KillReason::Deleted, grace, snap)
+                .await;
             // SyncTerminatingPod reads the status again and generates the
             // final one with podIsTerminal = true (kubelet source:
             // kubelet.go SyncTerminatingPod).
