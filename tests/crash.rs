@@ -346,9 +346,43 @@ async fn run(scenario: Scenario, fault: Option<(&str, Fault)>) {
         .await
         .expect("run pod");
     let outcome = async {
+        play(&mut env, scenario, fault, &pod, &dir).await?;
+        promises_kept(&pod)
+    }
+    .await;
+    if let Err(e) = outcome {
+        panic!("{e:#}\n{}", env.explain(&pod));
+    }
+}
+
+/// kubelet never had to make a new attempt of a container it had been
+/// told was started: a start the shim answered held across the fault. (A
+/// new attempt after a start or create that failed with the fault is what
+/// kubelet does with any runtime.)
+fn promises_kept(pod: &PodHandle) -> Result<()> {
+    let broken: Vec<_> = pod
+        .duplicates()
+        .into_iter()
+        .filter(|d| matches!(d.start_answer, Some(Ok(()))))
+        .collect();
+    ensure!(
+        broken.is_empty(),
+        "kubelet re-created containers it was told had started: {broken:?}"
+    );
+    Ok(())
+}
+
+async fn play(
+    env: &mut Env,
+    scenario: Scenario,
+    fault: Option<(&str, Fault)>,
+    pod: &PodHandle,
+    dir: &Path,
+) -> Result<()> {
+    {
         if let Scenario::Shutdown = scenario {
             // The faults of this scenario are on the way down.
-            wait_running(&env, &pod, &dir).await?;
+            wait_running(env, pod, dir).await?;
             let ids: Vec<String> = ["proxy", "app"]
                 .iter()
                 .filter_map(|n| pod.container_ids(n).pop())
@@ -360,26 +394,23 @@ async fn run(scenario: Scenario, fault: Option<(&str, Fault)>) {
                     None => Ok(()),
                 }
             };
-            let (deleted, injected) = tokio::join!(pod.delete(None), inject);
+            let (deleted, injected) =
+                tokio::join!(tokio::time::timeout(TIMEOUT, pod.delete(None)), inject);
             injected?;
-            deleted?;
+            deleted.context("kubelet's deletion did not finish")??;
             let exits = watch.await.context("watch task")??;
-            return check_shutdown(&dir, exits);
+            return check_shutdown(dir, exits);
         }
         if let Some((point, fault)) = fault {
             env.inject(point, fault).await?;
         }
         match scenario {
             Scenario::AppFirst | Scenario::SidecarFirst => {
-                wait_running(&env, &pod, &dir).await?;
-                check_started(&env, &pod, &dir).await
+                wait_running(env, pod, dir).await?;
+                check_started(env, pod, dir).await
             }
-            Scenario::JobCompletion | Scenario::Shutdown => check_job(&env, &pod, &dir).await,
+            Scenario::JobCompletion | Scenario::Shutdown => check_job(env, pod, dir).await,
         }
-    }
-    .await;
-    if let Err(e) = outcome {
-        panic!("{e:#}\n{}", env.explain(&pod));
     }
 }
 

@@ -194,7 +194,7 @@ pub(super) async fn relay(
         r = up => if let Err(e) = r { debug!(error = %e, "client side closed") },
         r = down => if let Err(e) = r { debug!(error = %e, "runtime side closed") },
     }
-    let st = shared.lock();
+    let mut st = shared.lock();
     if !st.calls.is_empty() || !st.local.is_empty() {
         debug!(
             forwarded = st.calls.len(),
@@ -202,6 +202,13 @@ pub(super) async fn relay(
             "connection closed with calls in flight"
         );
     }
+    // Local calls still running die with the connection, as calls to a
+    // runtime do when their client goes away: dropping them aborts their
+    // tasks (which hold `shared`, so it would never be dropped otherwise),
+    // and a call the lifecycle holds is then cancelled.
+    let local = std::mem::take(&mut st.local);
+    drop(st);
+    drop(local);
 }
 
 /// The client-to-runtime direction.
