@@ -155,7 +155,7 @@ const WIDTH: f64 = 980.0;
 const LEFT: f64 = 150.0;
 /// The time axis; what is right of it holds the exit labels.
 const PLOT: f64 = 620.0;
-const LANE_H: f64 = 52.0;
+const LANE_H: f64 = 60.0;
 const PHASE_H: f64 = 34.0;
 const AXIS_H: f64 = 34.0;
 const CHAR_W: f64 = 6.3;
