@@ -17,7 +17,7 @@
 //! Each scenario waits for what it shows, or for its cut-off; the runs are
 //! never judged here.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
@@ -27,7 +27,7 @@ use super::kubelet::{
     unix_nanos_at, ContainerDef, Event, Kubelet, KubeletConfig, Phase, PodDef, PodHandle,
 };
 use super::timeline::{Attempt, Figure, Lane, Mark, Run, Tone};
-use super::{sh, wait_for, wait_for_value, PrivateContainerd, ShimProcess};
+use super::{sh, tail, wait_for, wait_for_value, PrivateContainerd, ShimProcess};
 
 /// Generous: a loaded 2-core machine runs several things at once.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -240,8 +240,8 @@ impl Via {
 pub struct Stage {
     direct: Kubelet,
     via_shim: Kubelet,
-    pub shim: ShimProcess,
-    pub containerd: PrivateContainerd,
+    shim: ShimProcess,
+    containerd: PrivateContainerd,
 }
 
 impl Stage {
@@ -323,7 +323,16 @@ pub async fn play(stage: &Stage, scenario: Scenario, via: Via) -> Result<Run> {
         Ok(seen) => collect(stage, &pod, &shared, via, seen).await,
         Err(e) => Err(e),
     };
-    let run = run.with_context(|| format!("{} {via:?}\n{}", scenario.slug(), pod.summary()));
+    let run = run.with_context(|| {
+        let shim = match via {
+            Via::Shim => format!(
+                "\nshim log (last lines):\n{}",
+                tail(stage.shim.log_path(), 30)
+            ),
+            Via::Containerd => String::new(),
+        };
+        format!("{} {via:?}\n{}{shim}", scenario.slug(), pod.summary())
+    });
     // Whatever still runs gets kubelet's minimum grace (2 s).
     pod.delete(Some(Duration::ZERO))
         .await
@@ -485,8 +494,7 @@ async fn collect(
 /// The marks a container wrote into `shared/NAME.marks`, in wall-clock
 /// nanoseconds.
 pub fn read_marks(shared: &Path, name: &str) -> Vec<Mark> {
-    let path: PathBuf = shared.join(format!("{name}.marks"));
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = std::fs::read_to_string(shared.join(format!("{name}.marks"))).unwrap_or_default();
     text.lines()
         .filter_map(|line| {
             let mut parts = line.splitn(3, ' ');
