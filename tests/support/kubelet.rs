@@ -23,7 +23,9 @@
 //!   crash-loop backoff. A terminal phase makes it kill the pod.
 //! - [`PodHandle::delete`] is kubelet's killPod: preStop hooks and
 //!   `StopContainer` for every running container in parallel, then
-//!   `StopPodSandbox`, then (garbage collection's) `RemovePodSandbox`.
+//!   `StopPodSandbox`, then (garbage collection's) `RemovePodSandbox`;
+//!   [`PodHandle::terminate`] stops before that last step, so the stopped
+//!   containers can still be read.
 //!
 //! Every CRI call is recorded with its start and end ([`CriCall`]), and the
 //! pod's notable moments as [`PodEvent`]s.
@@ -1995,41 +1997,15 @@ impl PodHandle {
     }
 
     /// kubelet's handling of a pod deletion with grace period `grace` (None:
-    /// the pod's terminationGracePeriodSeconds): waits for the pod worker's
-    /// sync in progress, then killPod (preStop and StopContainer for every
-    /// RUNNING container in parallel, then StopPodSandbox), the final status
-    /// (phase with podIsTerminal), and RemovePodSandbox, which garbage
-    /// collection would do about a minute later. Returns how each running
-    /// container was stopped, in spec order. On a pod already killed for its
-    /// terminal phase only RemovePodSandbox is left to do.
+    /// the pod's terminationGracePeriodSeconds): [`PodHandle::terminate`],
+    /// then RemovePodSandbox, which garbage collection would do about a
+    /// minute later. Returns how each running container was stopped, in spec
+    /// order. On a pod already killed (for its terminal phase, or by
+    /// `terminate`) only RemovePodSandbox is left to do.
     pub async fn delete(&self, grace: Option<Duration>) -> Result<Vec<StopTiming>> {
+        let timings = self.terminate(grace).await?;
         let st = &self.state;
-        st.terminating.store(true, Ordering::SeqCst);
-        st.wake.notify_one();
         let _guard = st.worker.lock().await;
-        if st.data().removed {
-            bail!("pod {} already deleted", st.def.name);
-        }
-        let grace = grace.map_or(st.def.grace_secs(), |g| {
-            i64::try_from(g.as_secs()).unwrap_or(i64::MAX)
-        });
-        let already_killed = st.finished.swap(true, Ordering::SeqCst);
-        let timings = if already_killed {
-            Vec::new()
-        } else {
-            let snap = st.get_pod_status(Origin::Kill).await?;
-            st.take_status(&snap, false);
-            let timings = st
-                .kill_pod_until_done(KillReason::Deleted, grace, snap)
-                .await;
-            // SyncTerminatingPod reads the status again and generates the
-            // final one with podIsTerminal = true (kubelet source:
-            // kubelet.go SyncTerminatingPod).
-            if let Ok(after) = st.get_pod_status(Origin::Kill).await {
-                st.take_status(&after, true);
-            }
-            timings
-        };
         let id = st.sandbox_id().to_string();
         let mut rt = st.kubelet.rt.clone();
         let (_, res) = st
@@ -2045,6 +2021,41 @@ impl PodHandle {
             .await;
         st.data().removed = true;
         res.map_err(|s| anyhow!("RemovePodSandbox {id}: {s}"))?;
+        Ok(timings)
+    }
+
+    /// A pod deletion up to garbage collection: waits for the pod worker's
+    /// sync in progress, then killPod (preStop and StopContainer for every
+    /// RUNNING container in parallel, then StopPodSandbox) and the final
+    /// status (phase with podIsTerminal). The stopped containers stay in the
+    /// runtime, to be read, until [`PodHandle::delete`] (or dropping the
+    /// handle) removes the sandbox. Returns how each running container was
+    /// stopped, in spec order; nothing on a pod already killed.
+    pub async fn terminate(&self, grace: Option<Duration>) -> Result<Vec<StopTiming>> {
+        let st = &self.state;
+        st.terminating.store(true, Ordering::SeqCst);
+        st.wake.notify_one();
+        let _guard = st.worker.lock().await;
+        if st.data().removed {
+            bail!("pod {} already deleted", st.def.name);
+        }
+        let grace = grace.map_or(st.def.grace_secs(), |g| {
+            i64::try_from(g.as_secs()).unwrap_or(i64::MAX)
+        });
+        if st.finished.swap(true, Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
+        let snap = st.get_pod_status(Origin::Kill).await?;
+        st.take_status(&snap, false);
+        let timings = st
+            .kill_pod_until_done(KillReason::Deleted, grace, snap)
+            .await;
+        // SyncTerminatingPod reads the status again and generates the
+        // final one with podIsTerminal = true (kubelet source:
+        // kubelet.go SyncTerminatingPod).
+        if let Ok(after) = st.get_pod_status(Origin::Kill).await {
+            st.take_status(&after, true);
+        }
         Ok(timings)
     }
 

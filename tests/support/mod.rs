@@ -1,7 +1,9 @@
 //! Shared support for the integration tests and benchmarks: a private
 //! containerd, CRI clients over Unix sockets (with a chosen HTTP/2
 //! `:authority`), CRI config builders for the busybox test image, polling
-//! helpers and the `sidecar-shim` process.
+//! helpers and the `sidecar-shim` process; the kubelet simulator
+//! (`kubelet`), the demo's scenarios (`demo`) and their SVG timelines
+//! (`timeline`).
 //!
 //! Use it from an integration test with `mod support;`.
 //!
@@ -43,7 +45,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod demo;
 pub mod kubelet;
+pub mod timeline;
 
 /// The pause image the private containerd uses as its sandbox image.
 pub const PAUSE_IMAGE: &str = "localhost/sidecar-shim/pause:test";
