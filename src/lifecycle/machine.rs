@@ -352,15 +352,20 @@ enum Held {
     Joined {
         container: ContainerId,
     },
+    /// `arrived`: kubelet's first stop of the container (its grace counts
+    /// from there, also for a repeated stop); `seen`: this call's arrival
+    /// (the wait for signs of a shutdown counts from there).
     Stop {
         container: ContainerId,
         arrived: Instant,
+        seen: Instant,
         timeout: Duration,
         answer_by: Option<Instant>,
     },
     PreStop {
         container: ContainerId,
         arrived: Instant,
+        seen: Instant,
     },
     StopPod {
         pod: PodId,
@@ -596,6 +601,7 @@ impl Machine {
                 Held::Stop {
                     container,
                     arrived,
+                    seen,
                     timeout,
                     answer_by,
                 } => {
@@ -609,11 +615,15 @@ impl Machine {
                         .and_then(|c| self.pods.get(&c.pod))
                     {
                         if pod.terminating.is_none() && !pod.job_done {
-                            at(*arrived + self.evidence_window(pod));
+                            at(*seen + self.evidence_window(pod));
                         }
                     }
                 }
-                Held::PreStop { container, arrived } => {
+                Held::PreStop {
+                    container,
+                    arrived,
+                    seen,
+                } => {
                     if let Some(pod) = self
                         .containers
                         .get(container)
@@ -621,7 +631,7 @@ impl Machine {
                     {
                         at(*arrived + pod.grace + self.settings.grace_slack);
                         if pod.terminating.is_none() && !pod.job_done {
-                            at(*arrived + self.evidence_window(pod));
+                            at(*seen + self.evidence_window(pod));
                         }
                     }
                 }
@@ -630,11 +640,6 @@ impl Machine {
         for (id, c) in &self.containers {
             if let Some(r) = self.orphan_stop(id, c) {
                 at(r.arrived + r.timeout + self.settings.grace_slack);
-                if let Some(pod) = self.pods.get(&c.pod) {
-                    if pod.terminating.is_none() && !pod.job_done {
-                        at(r.arrived + self.evidence_window(pod));
-                    }
-                }
             }
             if let State::Deferred {
                 deadline,
@@ -1051,6 +1056,7 @@ impl Machine {
                             Held::Stop {
                                 container: container.clone(),
                                 arrived: r.arrived,
+                                seen: now,
                                 timeout: r.timeout,
                                 answer_by,
                             },
@@ -1096,6 +1102,7 @@ impl Machine {
                             Held::PreStop {
                                 container: container.clone(),
                                 arrived: r.arrived,
+                                seen: now,
                             },
                         );
                         self.note(
@@ -1638,10 +1645,12 @@ impl Machine {
         };
 
         // kubelet's held sidecar stops and preStop hooks.
-        // (call, container, arrived, kubelet's timeout (None: a preStop hook), answer by)
+        // (call, container, first arrival, this call's arrival, kubelet's
+        // timeout (None: a preStop hook), answer by)
         type HeldStop = (
             CallId,
             ContainerId,
+            Instant,
             Instant,
             Option<Duration>,
             Option<Instant>,
@@ -1653,29 +1662,33 @@ impl Machine {
                 Held::Stop {
                     container,
                     arrived,
+                    seen,
                     timeout,
                     answer_by,
                 } => Some((
                     *call,
                     container.clone(),
                     *arrived,
+                    *seen,
                     Some(*timeout),
                     *answer_by,
                 )),
-                Held::PreStop { container, arrived } => {
-                    Some((*call, container.clone(), *arrived, None, None))
-                }
+                Held::PreStop {
+                    container,
+                    arrived,
+                    seen,
+                } => Some((*call, container.clone(), *arrived, *seen, None, None)),
                 _ => None,
             })
             .filter(|(_, c, ..)| self.containers.get(c).is_some_and(|c| c.pod == pod_id))
             .collect();
         let mut held = held;
         held.sort_by_key(|h| h.0);
-        for (call, id, arrived, timeout, answer_by) in held {
+        for (call, id, arrived, seen, timeout, answer_by) in held {
             let limit = timeout.unwrap_or(grace);
             let out_of_grace = now >= arrived + limit + self.settings.grace_slack
                 || answer_by.is_some_and(|a| now >= a);
-            let not_shutdown = !shutting_down && now >= arrived + window;
+            let not_shutdown = !shutting_down && now >= seen + window;
             let exited = self.containers.get(&id).is_some_and(|c| !c.running());
             let release = exited || may_stop(&id) || out_of_grace || not_shutdown;
             if !release {
@@ -1732,7 +1745,10 @@ impl Machine {
         }
 
         // Stops kubelet asked for whose calls are gone (the shim restarted
-        // meanwhile): the shim sends them itself, under the same rules.
+        // meanwhile): in a pod that is shutting down the shim sends them
+        // itself once the apps are gone (or the grace ran out); otherwise
+        // kubelet's retry brings the stop again, and with it the wait for
+        // signs of a shutdown (which the restart may have swallowed).
         let orphans: Vec<(ContainerId, StopRequest)> = self
             .pods_containers(&self.pods[pod_id])
             .zip(self.pods[pod_id].containers.iter())
@@ -1740,8 +1756,7 @@ impl Machine {
             .collect();
         for (id, r) in orphans {
             let out_of_grace = now >= r.arrived + r.timeout + self.settings.grace_slack;
-            let not_shutdown = !shutting_down && now >= r.arrived + window;
-            if !(may_stop(&id) || out_of_grace || not_shutdown) {
+            if !shutting_down || !(may_stop(&id) || out_of_grace) {
                 continue;
             }
             let left = r

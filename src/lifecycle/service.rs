@@ -193,8 +193,13 @@ impl Interceptor for Lifecycle {
         let Some(name) = method.strip_prefix(RUNTIME) else {
             return false;
         };
+        // Until the start-up reconcile is done any pod may turn out to be
+        // managed: everything the lifecycle may need passes by (and waits
+        // for the reconcile).
+        let settling = !self.inner.reconciled.load(Ordering::Acquire);
         match INTERCEPTED.iter().find(|(m, _)| *m == name) {
             Some((_, When::Always)) => true,
+            Some(_) if settling => true,
             Some((_, When::Managed)) => self.inner.managed.load(Ordering::Relaxed),
             Some((_, When::Rewrites)) => self.inner.rewrites.load(Ordering::Relaxed),
             None => false,

@@ -1,0 +1,320 @@
+//! Repeated and concurrent calls for the same ids reach the same end state
+//! as one call, through the shim, against a real containerd.
+//!
+//! kubelet repeats calls after timeouts and after its own restart; these
+//! tests send the repeats themselves (straight CRI calls through the shim's
+//! socket) and judge from containerd, asked directly, and from what the
+//! containers recorded: how often the app really started, when and how
+//! often the sidecar got SIGTERM.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _, Result};
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerState, ContainerStatus, ContainerStatusRequest,
+    CreateContainerRequest, ListContainersRequest, ListPodSandboxRequest, Mount, PodSandboxConfig,
+    RemovePodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+};
+use support::kubelet::parse_uptime;
+use support::*;
+use tonic::transport::Channel;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const PORT: u16 = 8080;
+
+struct Env {
+    shim: ShimProcess,
+    containerd: PrivateContainerd,
+    shared: PathBuf,
+}
+
+impl Env {
+    async fn start() -> Result<Env> {
+        let containerd = PrivateContainerd::start().await?;
+        let listen = containerd.dir().join("shim.sock");
+        let shim = ShimProcess::start(&listen, containerd.socket(), &[]).await?;
+        let shared = containerd.dir().join("shared");
+        std::fs::create_dir_all(&shared)?;
+        Ok(Env {
+            shim,
+            containerd,
+            shared,
+        })
+    }
+
+    fn via_shim(&self) -> RuntimeServiceClient<Channel> {
+        self.shim.cri().0
+    }
+
+    async fn truth(&self, id: &str) -> Result<ContainerStatus> {
+        self.containerd
+            .cri()
+            .0
+            .container_status(ContainerStatusRequest {
+                container_id: id.to_string(),
+                verbose: false,
+            })
+            .await?
+            .into_inner()
+            .status
+            .context("no status")
+    }
+
+    /// A pod with sidecar `proxy` (ready when its port opens).
+    async fn pod(&self, name: &str) -> Result<(String, PodSandboxConfig)> {
+        let mut config = pod_sandbox_config(name, &self.containerd.pod_log_root());
+        config
+            .annotations
+            .insert("sidecar-shim.io/sidecars".into(), "proxy".into());
+        config.annotations.insert(
+            "sidecar-shim.io/ready.proxy".into(),
+            format!("tcp://:{PORT}"),
+        );
+        let id = run_pod(&mut self.via_shim(), &config).await?;
+        Ok((id, config))
+    }
+
+    async fn create(
+        &self,
+        pod: &(String, PodSandboxConfig),
+        name: &str,
+        command: Vec<String>,
+    ) -> Result<String> {
+        let mut config: ContainerConfig = container_config(name, &[]);
+        config.command = command;
+        config.mounts = vec![Mount {
+            container_path: "/shared".into(),
+            host_path: self.shared.display().to_string(),
+            ..Default::default()
+        }];
+        config.annotations.insert(
+            "io.kubernetes.pod.terminationGracePeriod".into(),
+            "20".into(),
+        );
+        Ok(self
+            .via_shim()
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.0.clone(),
+                config: Some(config),
+                sandbox_config: Some(pod.1.clone()),
+            })
+            .await
+            .with_context(|| format!("CreateContainer {name}"))?
+            .into_inner()
+            .container_id)
+    }
+
+    async fn start_container(&self, id: &str) -> Result<()> {
+        self.via_shim()
+            .start_container(StartContainerRequest {
+                container_id: id.to_string(),
+            })
+            .await
+            .with_context(|| format!("StartContainer {id}"))?;
+        Ok(())
+    }
+
+    async fn stop(&self, id: &str, timeout: i64) -> Result<()> {
+        self.via_shim()
+            .stop_container(StopContainerRequest {
+                container_id: id.to_string(),
+                timeout,
+            })
+            .await
+            .with_context(|| format!("StopContainer {id}"))?;
+        Ok(())
+    }
+
+    async fn wait_state(&self, id: &str, want: ContainerState) -> Result<ContainerStatus> {
+        wait_for_value(
+            TIMEOUT,
+            &format!("{id} to be {want:?} in containerd"),
+            || async {
+                let s = self.truth(id).await?;
+                Ok((s.state == want as i32).then_some(s))
+            },
+        )
+        .await
+    }
+}
+
+/// A proxy that opens its port after 1 s and records each SIGTERM.
+fn proxy() -> Vec<String> {
+    sh(&format!(
+        "trap 'cat /proc/uptime >> /shared/proxy.term; exit 0' TERM; \
+         sleep 1; nc -ll -p {PORT} -e true & while :; do sleep 3600 & wait $!; done"
+    ))
+}
+
+/// An app that records each start and, on SIGTERM, takes 2 s to exit.
+fn app() -> Vec<String> {
+    sh(
+        "trap 'sleep 2; cat /proc/uptime >> /shared/app.exit; exit 0' TERM; \
+        cat /proc/uptime >> /shared/app.start; while :; do sleep 3600 & wait $!; done",
+    )
+}
+
+fn recorded(dir: &Path, file: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(parse_uptime)
+        .collect()
+}
+
+/// Sidecar first, so the app's start is held: two StartContainer calls for
+/// the app at once, and a third after. All succeed; the app started once,
+/// after the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_held_start_waits_with_the_first_and_starts_once() -> Result<()> {
+    let env = Env::start().await?;
+    let pod = env.pod("held").await?;
+    let proxy = env.create(&pod, "proxy", proxy()).await?;
+    env.start_container(&proxy).await?;
+    let app = env.create(&pod, "app", app()).await?;
+    let (a, b) = tokio::join!(env.start_container(&app), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        env.start_container(&app).await
+    });
+    a?;
+    b.context("the repeated start")?;
+    let s = env
+        .wait_state(&app, ContainerState::ContainerRunning)
+        .await?;
+    let p = env.truth(&proxy).await?;
+    ensure!(s.started_at > p.started_at, "app started before its proxy");
+    // Once more while it runs: the runtime answers as it would.
+    let third = env.start_container(&app).await;
+    wait_for(TIMEOUT, "the app to record its start", || async {
+        !recorded(&env.shared, "app.start").is_empty()
+    })
+    .await?;
+    ensure!(
+        recorded(&env.shared, "app.start").len() == 1,
+        "the app started {} times",
+        recorded(&env.shared, "app.start").len()
+    );
+    let direct = env
+        .containerd
+        .cri()
+        .0
+        .start_container(StartContainerRequest {
+            container_id: app.clone(),
+        })
+        .await;
+    ensure!(
+        third.is_ok() == direct.is_ok(),
+        "a start of a running container: shim {third:?}, containerd {direct:?}"
+    );
+    Ok(())
+}
+
+/// App first, so its start is deferred: a repeated StartContainer is
+/// answered at once too, and the app starts once, after the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_deferred_start_is_answered_and_starts_once() -> Result<()> {
+    let env = Env::start().await?;
+    let pod = env.pod("deferred").await?;
+    let app = env.create(&pod, "app", app()).await?;
+    // Both are answered while the proxy does not even exist.
+    env.start_container(&app).await?;
+    env.start_container(&app).await?;
+    ensure!(
+        env.truth(&app).await?.state == ContainerState::ContainerCreated as i32,
+        "the app started before its proxy exists"
+    );
+    let proxy = env.create(&pod, "proxy", proxy()).await?;
+    env.start_container(&proxy).await?;
+    let s = env
+        .wait_state(&app, ContainerState::ContainerRunning)
+        .await?;
+    ensure!(s.started_at > env.truth(&proxy).await?.started_at);
+    wait_for(TIMEOUT, "the app to record its start", || async {
+        !recorded(&env.shared, "app.start").is_empty()
+    })
+    .await?;
+    ensure!(recorded(&env.shared, "app.start").len() == 1);
+    Ok(())
+}
+
+/// Shutdown with repeats: the app's stop, the proxy's stop twice (the second
+/// 1 s after the first), then StopPodSandbox twice at once and
+/// RemovePodSandbox twice. Every call succeeds; the proxy got one SIGTERM,
+/// after the app exited; nothing is left in containerd or in the shim's
+/// state directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_stops_and_removals_end_like_one() -> Result<()> {
+    let env = Env::start().await?;
+    let pod = env.pod("stops").await?;
+    let proxy = env.create(&pod, "proxy", proxy()).await?;
+    env.start_container(&proxy).await?;
+    let app = env.create(&pod, "app", app()).await?;
+    env.start_container(&app).await?;
+    env.wait_state(&app, ContainerState::ContainerRunning)
+        .await?;
+    let state_file = ShimProcess::default_state_dir(env.shim.listen())
+        .join("pods")
+        .join(format!("{}.json", pod.0));
+    ensure!(state_file.exists(), "no state file for the pod");
+
+    let began = Instant::now();
+    let (app_stop, first, second) = tokio::join!(env.stop(&app, 20), env.stop(&proxy, 20), async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        env.stop(&proxy, 20).await
+    });
+    app_stop?;
+    first?;
+    second.context("the repeated proxy stop")?;
+    let took = began.elapsed();
+    let app_exit = recorded(&env.shared, "app.exit");
+    let terms = recorded(&env.shared, "proxy.term");
+    ensure!(app_exit.len() == 1, "app exits recorded: {app_exit:?}");
+    ensure!(terms.len() == 1, "proxy SIGTERMs: {terms:?}");
+    ensure!(
+        terms[0] + 0.02 >= app_exit[0],
+        "proxy SIGTERM at {:.3}, before the app exited at {:.3}",
+        terms[0],
+        app_exit[0]
+    );
+    ensure!(took < Duration::from_secs(10), "the stops took {took:?}");
+
+    let stop_pod = || async {
+        env.via_shim()
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.0.clone(),
+            })
+            .await
+            .map(|_| ())
+    };
+    let (a, b) = tokio::join!(stop_pod(), stop_pod());
+    a?;
+    b?;
+    for _ in 0..2 {
+        env.via_shim()
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.0.clone(),
+            })
+            .await?;
+    }
+    let (mut rt, _) = env.containerd.cri();
+    let sandboxes = rt
+        .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+        .await?
+        .into_inner()
+        .items;
+    let containers = rt
+        .list_containers(ListContainersRequest { filter: None })
+        .await?
+        .into_inner()
+        .containers;
+    ensure!(
+        sandboxes.is_empty() && containers.is_empty(),
+        "left in containerd: {sandboxes:?} {containers:?}"
+    );
+    ensure!(!state_file.exists(), "the pod's state file is left");
+    Ok(())
+}
