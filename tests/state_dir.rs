@@ -309,7 +309,7 @@ async fn faulty_dir_keeps_the_shim_working(fault: &str) -> Result<()> {
     // Pods run and complete as if nothing were wrong.
     let a = env.kubelet.run_pod(job("during-a")).await?;
     let b = env.kubelet.run_pod(job("during-b")).await?;
-    jobs_done(&env, &[&a, &b]).await?;
+    jobs_done(env, &[&a, &b]).await?;
     ensure!(
         !env.record_path(&a).exists() && !env.record_path(&b).exists(),
         "a record was written to a {fault} directory"
