@@ -318,3 +318,36 @@ async fn repeated_stops_and_removals_end_like_one() -> Result<()> {
     ensure!(!state_file.exists(), "the pod's state file is left");
     Ok(())
 }
+
+/// Beyond a cap the shim forwards without holding: with
+/// `max_deferred_starts = 0`, an app listed before its sidecar starts at
+/// once (as it would without the shim), and the shim says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_a_cap_the_shim_forwards_and_warns() -> Result<()> {
+    let containerd = PrivateContainerd::start().await?;
+    let config = containerd.dir().join("config.toml");
+    std::fs::write(&config, "[lifecycle]\nmax_deferred_starts = 0\n")?;
+    let listen = containerd.dir().join("shim.sock");
+    let config_arg = config.display().to_string();
+    let shim = ShimProcess::start(&listen, containerd.socket(), &["--config", &config_arg]).await?;
+    let shared = containerd.dir().join("shared");
+    std::fs::create_dir_all(&shared)?;
+    let env = Env {
+        shim,
+        containerd,
+        shared,
+    };
+    let pod = env.pod("capped").await?;
+    let app = env.create(&pod, "app", app()).await?;
+    env.start_container(&app).await?;
+    env.wait_state(&app, ContainerState::ContainerRunning)
+        .await?;
+    let log = env.shim.log();
+    ensure!(
+        log.lines().any(|l| l.contains(" WARN ")
+            && l.contains("cap reached")
+            && l.contains("max_deferred")),
+        "no warning about the cap:\n{log}"
+    );
+    Ok(())
+}

@@ -119,6 +119,8 @@ struct Inner {
     /// The start-up reconcile with the runtime is done.
     reconciled: AtomicBool,
     reconciled_notify: Notify,
+    /// StopPodSandbox calls being forwarded, by sandbox id (one at a time).
+    stop_pod_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 enum Decision {
@@ -176,6 +178,7 @@ impl Lifecycle {
             store: state_dir.map(|d| Mutex::new(Store::open(&d))),
             reconciled: AtomicBool::new(false),
             reconciled_notify: Notify::new(),
+            stop_pod_turns: Mutex::default(),
         });
         inner.load_state();
         tokio::spawn(start_up(inner.clone()));
@@ -741,7 +744,23 @@ impl Inner {
             let _ = rx.await;
             guard.disarm();
         }
-        self.forward(&call, call.message.clone()).await
+        // Repeated StopPodSandbox calls of one pod reach the runtime one at
+        // a time: containerd 1.6 tears a sandbox's network down twice when
+        // two arrive together, and the second fails ("failed to delete
+        // eth0"). One after the other, the second finds the pod stopped.
+        let turn = {
+            let mut turns = lock(&self.stop_pod_turns);
+            turns.entry(req.pod_sandbox_id.clone()).or_default().clone()
+        };
+        let r = {
+            let _mine = turn.lock().await;
+            self.forward(&call, call.message.clone()).await
+        };
+        let mut turns = lock(&self.stop_pod_turns);
+        if Arc::strong_count(&turn) == 2 {
+            turns.remove(&req.pod_sandbox_id);
+        }
+        r
     }
 
     async fn remove_container(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
