@@ -608,3 +608,85 @@ crash_tests! {
     shutdown_shim_killed_at_stop_pod_sandbox: Shutdown, Some("after:stop-pod"), KillShim;
     shutdown_containerd_restarted_with_the_sidecar_stop_held: Shutdown, Some("after:stop:proxy"), RestartContainerd;
 }
+
+// ---------------------------------------------------------------------------
+// containerd down while the shim itself must act
+
+/// containerd is down when the sidecar becomes ready: the shim's own start
+/// of the deferred app fails, is tried again, and lands once containerd is
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_start_lands_after_containerd_comes_back() {
+    let mut env = Env::start(None).await.expect("environment");
+    let dir = env.shared.clone();
+    let pod = env
+        .kubelet
+        .run_pod(pod_def(Scenario::AppFirst, &dir))
+        .await
+        .expect("run pod");
+    let outcome = async {
+        // The proxy runs (so the app's start was answered and deferred) but
+        // does not listen yet; then containerd goes away.
+        wait_for_value(TIMEOUT, "the proxy to run", || async {
+            let running =
+                state(&env.latest(&pod, "proxy").await?) == ContainerState::ContainerRunning;
+            Ok((running && recorded(&dir, "proxy.listen").is_empty()).then_some(()))
+        })
+        .await?;
+        env.containerd.kill()?;
+        // The proxy opens its port; the shim sees it ready (its check
+        // connects inside the pod's network namespace, no containerd
+        // needed) and its start of the app fails.
+        let log = env.shim().log_path().to_path_buf();
+        wait_for(TIMEOUT, "the shim to retry the start", || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("runtime unreachable; starting the deferred container again")
+            }
+        })
+        .await?;
+        env.containerd.restart().await?;
+        wait_running(&env, &pod, &dir).await?;
+        check_started(&env, &pod, &dir).await?;
+        promises_kept(&pod)
+    }
+    .await;
+    if let Err(e) = outcome {
+        panic!("{e:#}\n{}", env.explain(&pod));
+    }
+}
+
+/// containerd is down when main exits: the shim's exit polling fails
+/// meanwhile, sees the exit once containerd is back, and the Job completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_completes_when_containerd_comes_back_after_main_exited() {
+    let mut env = Env::start(None).await.expect("environment");
+    let dir = env.shared.clone();
+    let pod = env
+        .kubelet
+        .run_pod(pod_def(Scenario::JobCompletion, &dir))
+        .await
+        .expect("run pod");
+    let outcome = async {
+        wait_for(TIMEOUT, "main to start", || async {
+            !recorded(&dir, "main.start").is_empty()
+        })
+        .await?;
+        env.containerd.kill()?;
+        // main runs for 1 s; its exit happens while containerd is down.
+        let started = recorded(&dir, "main.start")[0];
+        wait_for(TIMEOUT, "main's second to pass", || async move {
+            uptime_at(Instant::now()) > started + 1.5
+        })
+        .await?;
+        env.containerd.restart().await?;
+        check_job(&env, &pod, &dir).await?;
+        promises_kept(&pod)
+    }
+    .await;
+    if let Err(e) = outcome {
+        panic!("{e:#}\n{}", env.explain(&pod));
+    }
+}
