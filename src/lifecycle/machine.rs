@@ -1383,5 +1383,7 @@ fn job_like(restart: &Restart) -> bool {
     )
 }
 
+pub mod view;
+
 #[cfg(test)]
 mod tests;

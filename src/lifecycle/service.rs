@@ -100,6 +100,8 @@ struct Inner {
     /// the crash-loop backoff from finished_at (a finished_at that is always
     /// "now" keeps the container in backoff until the entry expires).
     never_started_at: Mutex<HashMap<String, i64>>,
+    /// Since when each held call is held (for the admin API).
+    held_at: Mutex<HashMap<CallId, Instant>>,
 }
 
 enum Decision {
@@ -147,6 +149,7 @@ impl Lifecycle {
             netns: Mutex::default(),
             epoch: (Instant::now(), SystemTime::now()),
             never_started_at: Mutex::default(),
+            held_at: Mutex::default(),
         });
         tokio::spawn(driver(inner.clone()));
         Lifecycle { inner }
@@ -348,6 +351,7 @@ impl Inner {
     }
 
     fn decide(&self, call: CallId, decision: Decision) {
+        lock(&self.held_at).remove(&call);
         if let Some(tx) = lock(&self.pending).remove(&call) {
             let _ = tx.send(decision);
         }
@@ -358,6 +362,7 @@ impl Inner {
         let id = self.call_id();
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
+        lock(&self.held_at).insert(id, Instant::now());
         (
             id,
             rx,
@@ -732,6 +737,40 @@ impl Inner {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Read-only access for the admin API (src/admin).
+
+/// The health of the state directory, as the persistence layer reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreHealth {
+    pub state_dir: PathBuf,
+    /// The last write (or the check at startup) succeeded.
+    pub writable: bool,
+    /// Writes that failed since the shim started.
+    pub failed_writes: u64,
+    pub last_error: Option<String>,
+}
+
+impl Lifecycle {
+    /// The pods the machine manages now. The machine is locked only while
+    /// copying; held calls the machine has no arrival time for get the
+    /// time they were held here.
+    pub fn view(&self) -> Vec<super::machine::view::PodView> {
+        let mut pods = lock(&self.inner.machine).view();
+        let held_at = lock(&self.inner.held_at);
+        for h in pods.iter_mut().flat_map(|p| p.held.iter_mut()) {
+            h.since = h.since.or_else(|| held_at.get(&h.call).copied());
+        }
+        pods
+    }
+
+    /// The state directory's health; None while persistence is not
+    /// configured (the lifecycle keeps its state in memory only).
+    pub fn store_health(&self) -> Option<StoreHealth> {
+        None
+    }
+}
+
 /// Reports a held call as cancelled when its future is dropped before the
 /// machine decided (the client reset the call or the connection closed).
 struct HeldGuard {
@@ -750,6 +789,7 @@ impl Drop for HeldGuard {
     fn drop(&mut self) {
         if self.armed {
             lock(&self.inner.pending).remove(&self.id);
+            lock(&self.inner.held_at).remove(&self.id);
             debug!(call = self.id.0, "held call cancelled by the client");
             self.inner.feed(Event::Cancelled { call: self.id });
         }
