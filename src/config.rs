@@ -949,6 +949,14 @@ mod tests {
         assert!(LifecycleConfig::default().defaults().presets.is_empty());
     }
 
+    /// systemd/config.toml, installed on nodes, documents the defaults.
+    #[test]
+    fn documented_config_is_the_defaults() {
+        let text = include_str!("../systemd/config.toml");
+        let config = Config::merge(&cli(&[]), Some(file(text))).unwrap();
+        assert_eq!(config, Config::default());
+    }
+
     #[test]
     fn from_cli_reads_the_file() {
         let dir = tempfile::tempdir().unwrap();
