@@ -73,9 +73,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Binding needs the runtime (tokio registers the listener with it).
     // Its errors already name the path and, for a live socket, say that
     // another process is serving it.
-    let socket = listener::bind(&config.listen).context("CRI socket (--listen)")?;
+    // The admin socket first: whoever sees the CRI socket can ask about it.
     let admin_socket = listener::bind_with_mode(&config.admin_listen, listener::ADMIN_SOCKET_MODE)
         .context("admin socket (--admin-listen)")?;
+    let socket = listener::bind(&config.listen).context("CRI socket (--listen)")?;
     tracing::info!(path = %socket.path().display(), "listening for CRI requests");
     tracing::info!(path = %admin_socket.path().display(), "serving the admin API");
     // From here on SIGTERM and SIGINT start the drain (and STOPPING=1),
