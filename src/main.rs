@@ -91,10 +91,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.lifecycle.settings(),
         config.lifecycle.defaults(),
     );
-    let admin = tokio::spawn(admin::serve(
-        admin_listener,
-        admin::AdminService::new(lifecycle.clone(), config.runtime_socket.clone()),
-    ));
+    let admin_service = admin::AdminService::new(lifecycle.clone(), config.runtime_socket.clone());
+    let admin = tokio::spawn(async move {
+        // Only a broken service fails here; the CRI proxy goes on without it.
+        if let Err(e) = admin::serve(admin_listener, admin_service).await {
+            tracing::error!("admin API failed: {e:#}");
+        }
+    });
     let served = proxy::serve_with(
         listener,
         config.runtime_socket.clone(),
@@ -109,15 +112,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .context("CRI proxy failed");
 
     // The admin API answers during the drain; it goes with the proxy.
-    if admin.is_finished() {
-        match admin.await {
-            Ok(Err(e)) => tracing::error!("admin API failed: {e:#}"),
-            Err(e) => tracing::error!("admin API failed: {e}"),
-            Ok(Ok(())) => {}
-        }
-    } else {
-        admin.abort();
-    }
+    admin.abort();
 
     // Remove the sockets whether or not serving failed, so kubelet sees
     // "no such file" rather than a dead socket while we are down.
