@@ -9,7 +9,13 @@
 //! cargo bench --bench cri -- --direct SOCK --relay SOCK --shim SOCK --shim-pid PID
 //!     [--containers 100] [--seconds 1.0] [--rounds 3]
 //!     [--calls Version,ContainerStatus,ListContainers] [--concurrency 1,32]
+//!     [--admin-load]
 //! ```
+//!
+//! `--admin-load` keeps one client calling the shim's admin API (ListPods,
+//! back to back, on `admin.sock` next to the shim's socket) for the whole
+//! run, to show what admin calls cost the CRI relay on the shim's single
+//! thread; it prints how many it made.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -33,6 +39,7 @@ struct Args {
     rounds: usize,
     calls: Vec<Call>,
     concurrency: Vec<usize>,
+    admin_load: bool,
 }
 
 fn parse_args() -> Args {
@@ -44,6 +51,7 @@ fn parse_args() -> Args {
         rounds: 3,
         calls: vec![Call::Version, Call::ContainerStatus, Call::ListContainers],
         concurrency: vec![1, 32],
+        admin_load: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -73,6 +81,7 @@ fn parse_args() -> Args {
                     .map(|c| c.parse().expect("number"))
                     .collect()
             }
+            "--admin-load" => args.admin_load = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -85,7 +94,11 @@ fn parse_args() -> Args {
 }
 
 async fn connect(path: PathBuf) -> RuntimeServiceClient<Channel> {
-    let channel = Endpoint::from_static("http://localhost")
+    RuntimeServiceClient::new(channel(path).await).max_decoding_message_size(64 << 20)
+}
+
+async fn channel(path: PathBuf) -> Channel {
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
@@ -93,8 +106,27 @@ async fn connect(path: PathBuf) -> RuntimeServiceClient<Channel> {
             }
         }))
         .await
-        .expect("connect");
-    RuntimeServiceClient::new(channel).max_decoding_message_size(64 << 20)
+        .expect("connect")
+}
+
+/// ListPods on the shim's admin socket, back to back, until `stop` is set;
+/// returns how many calls it made and for how long.
+async fn admin_load(
+    path: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, Duration) {
+    use sidecar_shim::admin::proto::{admin_client::AdminClient, ListPodsRequest};
+    let mut client = AdminClient::new(channel(path).await);
+    let start = Instant::now();
+    let mut calls = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        client
+            .list_pods(ListPodsRequest {})
+            .await
+            .expect("ListPods");
+        calls += 1;
+    }
+    (calls, start.elapsed())
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -252,6 +284,11 @@ fn main() {
         let t = Instant::now();
         let (pod, ids) = setup(&mut direct, args.containers).await;
         eprintln!("created in {:.1?}", t.elapsed());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = args.admin_load.then(|| {
+            let shim = &args.targets.iter().find(|t| t.0 == "shim").expect("--admin-load needs --shim").1;
+            tokio::spawn(admin_load(shim.with_file_name("admin.sock"), stop.clone()))
+        });
         let mut clients = Vec::new();
         for (name, path) in &args.targets {
             clients.push((*name, connect(path.clone()).await));
@@ -323,6 +360,15 @@ fn main() {
                 ratio(p50, "shim", "relay"),
                 ratio(rate, "shim", "direct"),
                 ratio(rate, "shim", "relay"),
+            );
+        }
+        if let Some(load) = load {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (calls, took) = load.await.expect("admin load");
+            println!(
+                "\nadmin load: {calls} ListPods calls in {:.1?} ({:.0}/s), alongside every call above",
+                took,
+                calls as f64 / took.as_secs_f64()
             );
         }
         if let Some(pid) = args.shim_pid {

@@ -27,12 +27,18 @@ pub const DEFAULT_RUNTIME_ENDPOINT: &str = "unix:///run/containerd/containerd.so
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sidecar-shim";
 /// Default time to let in-flight calls finish after a shutdown signal.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// File name of the admin socket when `admin_listen` is not set: it lives
+/// next to the CRI socket (`/run/sidecar-shim/admin.sock` by default).
+pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
+/// Where `sidecar-shim status` looks without `--admin` or `--config`.
+pub const DEFAULT_ADMIN_LISTEN: &str = "/run/sidecar-shim/admin.sock";
 
 const AFTER_HELP: &str = "\
 Precedence: command-line flags override the --config file, which overrides the built-in defaults.
 
 Config file (TOML), all keys optional:
     listen = \"/run/sidecar-shim/sidecar-shim.sock\"
+    admin_listen = \"/run/sidecar-shim/admin.sock\"   # default: admin.sock next to listen
     runtime_endpoint = \"unix:///run/containerd/containerd.sock\"
     log_format = \"text\"          # or \"json\"
     drain_timeout = \"10s\"        # e.g. \"500ms\", \"2m\", \"1m30s\"
@@ -66,6 +72,12 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub listen: Option<PathBuf>,
 
+    /// Unix socket path (mode 0600, root-only) to serve the admin API on, which
+    /// `sidecar-shim status` reads [default: admin.sock in the directory of --listen,
+    /// /run/sidecar-shim/admin.sock]
+    #[arg(long, value_name = "PATH")]
+    pub admin_listen: Option<PathBuf>,
+
     /// CRI endpoint of the real runtime to forward to: unix:///path or an absolute socket path
     /// [default: unix:///run/containerd/containerd.sock]
     #[arg(long, value_name = "ENDPOINT", value_parser = parse_runtime_endpoint)]
@@ -97,6 +109,32 @@ pub enum Command {
     /// Exits 1 when any finding is an error, 0 otherwise (warnings do not
     /// fail), 2 when the file or the --config file cannot be read.
     Check(CheckArgs),
+    /// Show what the running shim manages: its health (runtime reachable,
+    /// state directory), and every container of the pods with sidecars:
+    /// role, lifecycle state, readiness, held calls, deferred starts.
+    ///
+    /// Asks the shim's admin API over its root-only socket. Exits 0 when the
+    /// shim reports itself healthy, 1 when it answers but is unhealthy, 2 when
+    /// the admin socket cannot be reached.
+    Status(StatusArgs),
+}
+
+/// Arguments of `sidecar-shim status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The shim's admin socket (its --admin-listen)
+    /// [default: admin_listen from --config, else /run/sidecar-shim/admin.sock]
+    #[arg(long, value_name = "PATH")]
+    pub admin: Option<PathBuf>,
+
+    /// Report format
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    pub output: OutputFormat,
+
+    /// Find the admin socket in this node's config file (admin_listen, or
+    /// admin.sock next to listen)
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// Arguments of `sidecar-shim check`.
@@ -116,7 +154,7 @@ pub struct CheckArgs {
     pub config: Option<PathBuf>,
 }
 
-/// Output format of `sidecar-shim check`.
+/// Output format of `sidecar-shim check` and `sidecar-shim status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum OutputFormat {
     /// A readable report.
@@ -153,6 +191,8 @@ impl fmt::Display for LogFormat {
 pub struct FileConfig {
     #[serde(default)]
     pub listen: Option<PathBuf>,
+    #[serde(default)]
+    pub admin_listen: Option<PathBuf>,
     #[serde(default, deserialize_with = "de_runtime_endpoint")]
     pub runtime_endpoint: Option<PathBuf>,
     #[serde(default)]
@@ -318,6 +358,8 @@ impl FileConfig {
 pub struct Config {
     /// Socket path kubelet connects to.
     pub listen: PathBuf,
+    /// Socket path of the admin API.
+    pub admin_listen: PathBuf,
     /// Filesystem path of the runtime's CRI socket (the `unix://` prefix removed).
     pub runtime_socket: PathBuf,
     pub log_format: LogFormat,
@@ -331,6 +373,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: PathBuf::from(DEFAULT_LISTEN),
+            admin_listen: PathBuf::from(DEFAULT_ADMIN_LISTEN),
             runtime_socket: parse_runtime_endpoint(DEFAULT_RUNTIME_ENDPOINT)
                 .expect("default runtime endpoint is valid"),
             log_format: LogFormat::default(),
@@ -353,8 +396,14 @@ impl Config {
     pub fn merge(cli: &Cli, file: Option<FileConfig>) -> Result<Config, ConfigError> {
         let file = file.unwrap_or_default();
         let defaults = Config::default();
+        let listen = pick(cli.listen.clone(), file.listen, defaults.listen);
         let config = Config {
-            listen: pick(cli.listen.clone(), file.listen, defaults.listen),
+            admin_listen: cli
+                .admin_listen
+                .clone()
+                .or(file.admin_listen)
+                .unwrap_or_else(|| admin_next_to(&listen)),
+            listen,
             runtime_socket: pick(
                 cli.runtime_endpoint.clone(),
                 file.runtime_endpoint,
@@ -395,8 +444,25 @@ impl Config {
         if !self.state_dir.is_absolute() {
             return Err(ConfigError::RelativeStateDir(self.state_dir.clone()));
         }
+        if !self.admin_listen.is_absolute() {
+            return Err(ConfigError::RelativeAdminListen(self.admin_listen.clone()));
+        }
+        if self.admin_listen == self.listen || self.admin_listen == self.runtime_socket {
+            return Err(ConfigError::AdminListenTaken(self.admin_listen.clone()));
+        }
         Ok(())
     }
+}
+
+/// The admin socket's default place: `admin.sock` in the CRI socket's
+/// directory, so that every shim (a test's, a second one on a dev machine)
+/// gets its own without being told, and the node's default is
+/// `/run/sidecar-shim/admin.sock`, inside the directory the unit owns.
+fn admin_next_to(listen: &Path) -> PathBuf {
+    listen
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(ADMIN_SOCKET_NAME)
 }
 
 fn pick<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
@@ -428,6 +494,10 @@ pub enum ConfigError {
     ListenIsRuntime(PathBuf),
     #[error("state directory {} is not absolute", .0.display())]
     RelativeStateDir(PathBuf),
+    #[error("admin_listen path {} is not absolute", .0.display())]
+    RelativeAdminListen(PathBuf),
+    #[error("admin_listen path {} is the CRI listen path or the runtime's socket; it needs its own", .0.display())]
+    AdminListenTaken(PathBuf),
 }
 
 /// Parses a runtime endpoint (`unix:///path` or an absolute path) into the
@@ -580,7 +650,8 @@ mod tests {
         let full_file = "listen = \"/file/shim.sock\"\n\
                          runtime_endpoint = \"unix:///file/containerd.sock\"\n\
                          log_format = \"json\"\n\
-                         drain_timeout = \"1m30s\"\n";
+                         drain_timeout = \"1m30s\"\n\
+                         admin_listen = \"/file/admin/a.sock\"\n";
         let d = Config::default();
         // (name, flags, file, expected)
         let cases: Vec<(&str, Vec<&str>, Option<&str>, Config)> = vec![
@@ -590,6 +661,7 @@ mod tests {
                 None,
                 Config {
                     listen: "/run/sidecar-shim/sidecar-shim.sock".into(),
+                    admin_listen: "/run/sidecar-shim/admin.sock".into(),
                     runtime_socket: "/run/containerd/containerd.sock".into(),
                     log_format: LogFormat::Text,
                     drain_timeout: Duration::from_secs(10),
@@ -604,6 +676,7 @@ mod tests {
                 Some(full_file),
                 Config {
                     listen: "/file/shim.sock".into(),
+                    admin_listen: "/file/admin/a.sock".into(),
                     runtime_socket: "/file/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(90),
@@ -635,6 +708,7 @@ mod tests {
                 None,
                 Config {
                     listen: "/flag/shim.sock".into(),
+                    admin_listen: "/flag/admin.sock".into(),
                     runtime_socket: "/flag/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(120),
@@ -649,10 +723,12 @@ mod tests {
                     "--runtime-endpoint=unix:///flag/containerd.sock",
                     "--log-format=text",
                     "--drain-timeout=0s",
+                    "--admin-listen=/flag/admin/b.sock",
                 ],
                 Some(full_file),
                 Config {
                     listen: "/flag/shim.sock".into(),
+                    admin_listen: "/flag/admin/b.sock".into(),
                     runtime_socket: "/flag/containerd.sock".into(),
                     log_format: LogFormat::Text,
                     drain_timeout: Duration::ZERO,
@@ -661,11 +737,22 @@ mod tests {
                 },
             ),
             (
+                "admin socket follows a listen path from the file",
+                vec![],
+                Some("listen = \"/file/x/shim.sock\""),
+                Config {
+                    listen: "/file/x/shim.sock".into(),
+                    admin_listen: "/file/x/admin.sock".into(),
+                    ..d.clone()
+                },
+            ),
+            (
                 "one flag overrides one file key",
                 vec!["--drain-timeout", "3s"],
                 Some(full_file),
                 Config {
                     listen: "/file/shim.sock".into(),
+                    admin_listen: "/file/admin/a.sock".into(),
                     runtime_socket: "/file/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(3),
@@ -690,6 +777,26 @@ mod tests {
                 "relative listen",
                 vec!["--listen", "shim.sock"],
                 "not absolute",
+            ),
+            (
+                "relative admin listen",
+                vec!["--admin-listen", "admin.sock"],
+                "admin_listen path admin.sock is not absolute",
+            ),
+            (
+                "admin listen on the CRI socket",
+                vec!["--listen", "/x.sock", "--admin-listen", "/x.sock"],
+                "needs its own",
+            ),
+            (
+                "admin listen on the runtime socket",
+                vec![
+                    "--runtime-endpoint",
+                    "unix:///x.sock",
+                    "--admin-listen",
+                    "/x.sock",
+                ],
+                "needs its own",
             ),
             (
                 "listen on runtime socket",
@@ -885,6 +992,14 @@ mod tests {
             assert_eq!(config.lifecycle.defaults().presets, want, "{text:?}");
         }
         assert!(LifecycleConfig::default().defaults().presets.is_empty());
+    }
+
+    /// systemd/config.toml, installed on nodes, documents the defaults.
+    #[test]
+    fn documented_config_is_the_defaults() {
+        let text = include_str!("../systemd/config.toml");
+        let config = Config::merge(&cli(&[]), Some(file(text))).unwrap();
+        assert_eq!(config, Config::default());
     }
 
     #[test]

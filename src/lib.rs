@@ -1,6 +1,7 @@
 //! sidecar-shim: a CRI proxy that sits between kubelet and containerd.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod check;
 pub mod config;
 pub mod failpoint;

@@ -1,5 +1,5 @@
-//! The Unix socket kubelet connects to: creating it safely at startup and
-//! removing it on exit.
+//! The Unix sockets the shim serves (kubelet's CRI socket and the admin
+//! socket): creating them safely at startup and removing them on exit.
 //!
 //! Startup has to cope with a socket file left by a previous run that crashed
 //! (remove it), with a second instance started by mistake (refuse, do not
@@ -18,6 +18,8 @@ use tokio::net::UnixListener;
 /// Mode of the socket: owner and group may connect (connecting needs write
 /// permission), others may not; kubelet runs as root.
 pub const SOCKET_MODE: u32 = 0o660;
+/// Mode of the admin socket: the owner (root on a node) only.
+pub const ADMIN_SOCKET_MODE: u32 = 0o600;
 /// Mode of a parent directory we create.
 pub const DIR_MODE: u32 = 0o755;
 
@@ -26,7 +28,7 @@ pub const DIR_MODE: u32 = 0o755;
 pub enum ListenError {
     #[error(
         "{} is in use: another process is serving it (a test connection succeeded); \
-         stop that process or choose another --listen path",
+         stop that process or choose another path",
         .0.display()
     )]
     InUse(PathBuf),
@@ -56,9 +58,10 @@ pub enum ListenError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot set mode {SOCKET_MODE:o} on {}: {source}", path.display())]
+    #[error("cannot set mode {mode:o} on {}: {source}", path.display())]
     SetMode {
         path: PathBuf,
+        mode: u32,
         #[source]
         source: io::Error,
     },
@@ -182,6 +185,12 @@ impl Drop for SocketGuard {
 /// serves and anything that is not a socket, and sets the socket's mode to
 /// 0660. Must be called within a Tokio runtime (as `UnixListener::bind`).
 pub fn bind(path: &Path) -> Result<BoundSocket, ListenError> {
+    bind_with_mode(path, SOCKET_MODE)
+}
+
+/// [`bind`] with another socket mode (the admin socket's is
+/// [`ADMIN_SOCKET_MODE`]).
+pub fn bind_with_mode(path: &Path, mode: u32) -> Result<BoundSocket, ListenError> {
     ensure_parent(path)?;
     clear_stale(path)?;
 
@@ -205,9 +214,10 @@ pub fn bind(path: &Path) -> Result<BoundSocket, ListenError> {
     // Until this chmod the socket has the umask-derived mode; with the usual
     // umask (022) that already denies others the write permission connecting
     // needs, so the window exposes nothing.
-    fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE)).map_err(|source| {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
         ListenError::SetMode {
             path: path.to_owned(),
+            mode,
             source,
         }
     })?;
@@ -306,6 +316,14 @@ mod tests {
         assert_eq!(mode(&dir.path().join("a/b")), DIR_MODE);
         assert!(fs::symlink_metadata(&path).unwrap().file_type().is_socket());
         assert_eq!(mode(&path), SOCKET_MODE);
+    }
+
+    #[tokio::test]
+    async fn admin_socket_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        let _socket = bind_with_mode(&path, ADMIN_SOCKET_MODE).unwrap();
+        assert_eq!(mode(&path), 0o600);
     }
 
     #[tokio::test]

@@ -4,9 +4,13 @@
 //! to a datagram socket: a path, or an abstract name written with a leading
 //! `@`. The shim sends `READY=1` there once its CRI socket listens, so
 //! `systemctl start` (and `Before=kubelet.service`) wait until kubelet can
-//! connect. Without `$NOTIFY_SOCKET` (started by hand, in tests) nothing is
-//! sent. A failure to notify is logged and otherwise ignored: systemd then
-//! reports the start as timed out, which is the visible symptom to look at.
+//! connect, and `STOPPING=1` when a shutdown signal starts the drain, so
+//! `systemctl status` shows the unit deactivating while calls in flight
+//! finish. Signals are not this module's business: the shutdown path calls
+//! [`stopping`] once `crate::signal::shutdown` resolved. Without
+//! `$NOTIFY_SOCKET` (started by hand, in tests) nothing is sent. A failure
+//! to notify is logged and otherwise ignored: systemd then reports the start
+//! as timed out, which is the visible symptom to look at.
 
 use std::io;
 use std::os::unix::net::UnixDatagram;
@@ -63,12 +67,8 @@ fn send_abstract(_socket: &UnixDatagram, name: &str, _state: &str) -> io::Result
 }
 
 /// Tells systemd the service is ready: `READY=1` with the pid and a status
-/// line. Call it once the CRI socket listens.
-///
-/// No `STOPPING=1` is sent at shutdown: systemd knows it sent SIGTERM, and
-/// catching the signal here would need a second handler racing the proxy's
-/// own (installed a moment after this call: a SIGTERM in between would be
-/// swallowed and the shim would never stop).
+/// line. Call it once the CRI socket listens (and the shutdown signal
+/// handlers are installed, so a SIGTERM right after it is drained).
 pub fn ready() {
     let state = format!(
         "READY=1\nMAINPID={}\nSTATUS=listening for CRI requests",
@@ -78,6 +78,16 @@ pub fn ready() {
         Ok(false) => {}
         Ok(true) => tracing::debug!("notified systemd: READY=1"),
         Err(e) => tracing::warn!(error = %e, "cannot notify systemd (READY=1)"),
+    }
+}
+
+/// Tells systemd the shim is shutting down: `STOPPING=1` with a status
+/// line. Called from the shutdown path once a signal asked us to stop.
+pub fn stopping() {
+    match notify("STOPPING=1\nSTATUS=draining calls in flight") {
+        Ok(false) => {}
+        Ok(true) => tracing::debug!("notified systemd: STOPPING=1"),
+        Err(e) => tracing::warn!(error = %e, "cannot notify systemd (STOPPING=1)"),
     }
 }
 

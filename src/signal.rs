@@ -2,6 +2,7 @@
 //! "stop accepting, drain, exit".
 
 use std::fmt;
+use std::future::Future;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -21,23 +22,41 @@ impl fmt::Display for ShutdownSignal {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT, logging which one at info.
+/// Installs the SIGTERM and SIGINT handlers now and returns a future that
+/// resolves on the first of them, logging which one at info.
 ///
-/// The handlers are installed when the future is first polled; until then
-/// the signals keep their default action (terminate), so poll it promptly.
-/// Once installed they stay for the life of the process, so a second signal
-/// during the drain does not kill us halfway; the drain timeout bounds that.
-pub async fn shutdown() {
-    let which = wait().await;
-    tracing::info!(signal = %which, "shutdown requested");
+/// Call it (inside the runtime) before telling systemd the shim is ready:
+/// until then the signals keep their default action (terminate at once,
+/// without the drain or `STOPPING=1`); from this call on none is lost, even
+/// before the future is first polled. The handlers stay for the life of the
+/// process, so a second signal during the drain does not kill us halfway;
+/// the drain timeout bounds that.
+pub fn shutdown() -> impl Future<Output = ()> {
+    let handlers = Handlers::install();
+    async move {
+        let which = handlers.wait().await;
+        tracing::info!(signal = %which, "shutdown requested");
+    }
 }
 
-async fn wait() -> ShutdownSignal {
-    let mut term = install(SignalKind::terminate(), ShutdownSignal::Terminate);
-    let mut int = install(SignalKind::interrupt(), ShutdownSignal::Interrupt);
-    tokio::select! {
-        _ = recv(&mut term) => ShutdownSignal::Terminate,
-        _ = recv(&mut int) => ShutdownSignal::Interrupt,
+struct Handlers {
+    term: Option<Signal>,
+    int: Option<Signal>,
+}
+
+impl Handlers {
+    fn install() -> Handlers {
+        Handlers {
+            term: install(SignalKind::terminate(), ShutdownSignal::Terminate),
+            int: install(SignalKind::interrupt(), ShutdownSignal::Interrupt),
+        }
+    }
+
+    async fn wait(mut self) -> ShutdownSignal {
+        tokio::select! {
+            _ = recv(&mut self.term) => ShutdownSignal::Terminate,
+            _ = recv(&mut self.int) => ShutdownSignal::Interrupt,
+        }
     }
 }
 
@@ -83,9 +102,7 @@ mod tests {
     }
 
     async fn wait_after(name: &str) -> ShutdownSignal {
-        let mut waiting = Box::pin(wait());
-        // The first poll installs the handlers; only then is it safe to raise
-        // the signal without the default action killing the test binary.
+        let mut waiting = Box::pin(Handlers::install().wait());
         let early = tokio::time::timeout(Duration::from_millis(50), &mut waiting).await;
         assert!(early.is_err(), "resolved before any signal");
         raise(name);
@@ -109,5 +126,13 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("shutdown() resolves");
+
+        // A signal that arrives before the future is first polled is not
+        // lost (nor fatal): the handlers exist from the call on.
+        let waiting = shutdown();
+        raise("TERM");
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("shutdown() resolves on a signal raised before its first poll");
     }
 }

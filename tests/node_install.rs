@@ -1,5 +1,5 @@
 //! Node installation: the systemd units, hack/install.sh and
-//! hack/uninstall.sh, and the binary's sd_notify readiness.
+//! hack/uninstall.sh, and the binary's sd_notify messages (READY=1, STOPPING=1).
 //!
 //! Nothing here touches the real system: the units are checked with
 //! `systemd-analyze verify` on copies in a temporary directory, and the
@@ -546,6 +546,61 @@ fn shim_notifies_ready_once_listening() {
     UnixStream::connect(&listen).expect("READY=1 arrived before the socket listens");
 
     drop(child);
+}
+
+/// SIGTERM right after READY=1 (the moment an earlier signal handler in
+/// notify.rs once swallowed): the shim sends STOPPING=1, drains, removes its
+/// sockets and exits 0.
+#[test]
+fn shim_notifies_stopping_on_sigterm() {
+    let dir = tempfile::Builder::new()
+        .prefix("sshim-notify-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let notify_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&notify_path).unwrap();
+    let (child, listen) = spawn_shim(dir.path(), notify_path.to_str().unwrap());
+    let mut child = KillOnDrop(child);
+
+    let ready = recv(&socket, dir.path());
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    // Nothing else was sent before the signal.
+    socket.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    let early = socket.recv(&mut buf);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == ErrorKind::WouldBlock),
+        "a notification before SIGTERM: {:?}",
+        early.map(|n| text(&buf[..n]))
+    );
+    socket.set_nonblocking(false).unwrap();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let stopping = recv(&socket, dir.path());
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shim did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = fs::read_to_string(dir.path().join("shim.log")).unwrap_or_default();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    assert!(!listen.exists(), "CRI socket left behind");
+    assert!(
+        !dir.path().join("admin.sock").exists(),
+        "admin socket left behind"
+    );
 }
 
 #[test]

@@ -285,6 +285,25 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `sidecar-shim status --output json` against the shim's admin socket:
+/// (exit code, the report's `store`).
+async fn store_status(shim: &ShimProcess) -> Result<(Option<i32>, serde_json::Value)> {
+    let admin = shim.listen().with_file_name("admin.sock");
+    let out = tokio::process::Command::new(ShimProcess::binary())
+        .args(["status", "--output", "json", "--admin"])
+        .arg(&admin)
+        .output()
+        .await?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "status output: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok((out.status.code(), report["store"].clone()))
+}
+
 /// Lines of this shim's log at ERROR about state writes.
 fn write_errors(log: &str) -> usize {
     log.lines()
@@ -319,6 +338,15 @@ async fn faulty_dir_keeps_the_shim_working(fault: &str) -> Result<()> {
     // Many writes failed (each pod changes state several times), but they
     // are logged at most once per 30 s.
     ensure!(errors <= 2, "{errors} error lines: not rate-limited");
+    // The status says so, and calls the shim unhealthy.
+    let (code, store) = store_status(&env.shim).await?;
+    ensure!(
+        code == Some(1)
+            && store["writable"] == false
+            && store["failed_writes"].as_u64() > Some(errors as u64)
+            && store["pending"].as_u64() >= Some(2),
+        "status exit {code:?}, store {store:#}"
+    );
 
     // Writes work again: the shim catches up on its own.
     match fault {
@@ -335,6 +363,12 @@ async fn faulty_dir_keeps_the_shim_working(fault: &str) -> Result<()> {
         "{}",
         env.log()
     );
+    wait_for(TIMEOUT, "the status to say writable", || async {
+        store_status(&env.shim)
+            .await
+            .is_ok_and(|(code, s)| code == Some(0) && s["writable"] == true && s["pending"] == 0)
+    })
+    .await?;
     // What it wrote is what it knew: a new shim reads it back and keeps
     // the sidecars' exit rewrite.
     env.restart_shim().await?;

@@ -1860,5 +1860,7 @@ fn job_like(restart: &Restart) -> bool {
     )
 }
 
+pub mod view;
+
 #[cfg(test)]
 mod tests;

@@ -121,6 +121,8 @@ struct Inner {
     reconciled_notify: Notify,
     /// StopPodSandbox calls being forwarded, by sandbox id (one at a time).
     stop_pod_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Since when each held call is held (for the admin API).
+    held_at: Mutex<HashMap<CallId, Instant>>,
 }
 
 enum Decision {
@@ -179,6 +181,7 @@ impl Lifecycle {
             reconciled: AtomicBool::new(false),
             reconciled_notify: Notify::new(),
             stop_pod_turns: Mutex::default(),
+            held_at: Mutex::default(),
         });
         inner.load_state();
         tokio::spawn(start_up(inner.clone()));
@@ -526,6 +529,7 @@ impl Inner {
     }
 
     fn decide(&self, call: CallId, decision: Decision) {
+        lock(&self.held_at).remove(&call);
         if let Some(tx) = lock(&self.pending).remove(&call) {
             let _ = tx.send(decision);
         }
@@ -536,6 +540,7 @@ impl Inner {
         let id = self.call_id();
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
+        lock(&self.held_at).insert(id, Instant::now());
         (
             id,
             rx,
@@ -897,6 +902,23 @@ impl Inner {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Read-only access for the admin API (src/admin).
+
+impl Lifecycle {
+    /// The pods the machine manages now. The machine is locked only while
+    /// copying; held calls the machine has no arrival time for get the
+    /// time they were held here.
+    pub fn view(&self) -> Vec<super::machine::view::PodView> {
+        let mut pods = lock(&self.inner.machine).view();
+        let held_at = lock(&self.inner.held_at);
+        for h in pods.iter_mut().flat_map(|p| p.held.iter_mut()) {
+            h.since = h.since.or_else(|| held_at.get(&h.call).copied());
+        }
+        pods
+    }
+}
+
 /// Reports a held call as cancelled when its future is dropped before the
 /// machine decided (the client reset the call or the connection closed).
 struct HeldGuard {
@@ -915,6 +937,7 @@ impl Drop for HeldGuard {
     fn drop(&mut self) {
         if self.armed {
             lock(&self.inner.pending).remove(&self.id);
+            lock(&self.inner.held_at).remove(&self.id);
             debug!(call = self.id.0, "held call cancelled by the client");
             self.inner.feed(Event::Cancelled { call: self.id });
         }

@@ -1213,6 +1213,12 @@ impl ShimProcess {
         &self.log_path
     }
 
+    /// The admin socket of a shim started without `--admin-listen`:
+    /// `admin.sock` next to its CRI socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.listen.with_file_name("admin.sock")
+    }
+
     /// Everything the shim logged so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()

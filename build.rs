@@ -1,0 +1,11 @@
+//! Compiles the shim's own admin API (proto/sidecarshim/v1/admin.proto) into
+//! Rust with tonic-prost-build. protoc comes from the system (Debian's
+//! protobuf-compiler, installed by hack/install-deps; k8s-cri needs it too).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&["proto/sidecarshim/v1/admin.proto"], &["proto"])?;
+    Ok(())
+}
