@@ -13,6 +13,7 @@
 //! line; `merge` only checks rules that involve the final combination.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,6 +35,7 @@ Config file (TOML), all keys optional:
     runtime_endpoint = \"unix:///run/containerd/containerd.sock\"
     log_format = \"text\"          # or \"json\"
     drain_timeout = \"10s\"        # e.g. \"500ms\", \"2m\", \"1m30s\"
+    metrics_listen = \"127.0.0.1:9464\"  # off when unset
 Unknown keys are an error.
 
 Logging: the log filter is read from the RUST_LOG environment variable
@@ -76,6 +78,11 @@ pub struct Cli {
     /// [default: 10s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (IP:PORT; port 0
+    /// picks a free one). Unauthenticated: give a loopback or node-local address [default: off]
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_listen)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The commands besides running the daemon.
@@ -151,6 +158,8 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     #[serde(default, deserialize_with = "de_duration")]
     pub drain_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_metrics_listen")]
+    pub metrics_listen: Option<SocketAddr>,
     /// The `[lifecycle]` table.
     #[serde(default)]
     pub lifecycle: LifecycleFile,
@@ -291,6 +300,8 @@ pub struct Config {
     pub runtime_socket: PathBuf,
     pub log_format: LogFormat,
     pub drain_timeout: Duration,
+    /// Where to serve Prometheus metrics; `None`: nowhere (no metrics kept).
+    pub metrics_listen: Option<SocketAddr>,
     pub lifecycle: LifecycleConfig,
 }
 
@@ -302,6 +313,7 @@ impl Default for Config {
                 .expect("default runtime endpoint is valid"),
             log_format: LogFormat::default(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            metrics_listen: None,
             lifecycle: LifecycleConfig::default(),
         }
     }
@@ -332,6 +344,7 @@ impl Config {
                 file.drain_timeout,
                 defaults.drain_timeout,
             ),
+            metrics_listen: cli.metrics_listen.or(file.metrics_listen),
             lifecycle: LifecycleConfig::merge(file.lifecycle),
         };
         if let Err(reason) =
@@ -384,6 +397,8 @@ pub enum ConfigError {
     InvalidEndpoint { value: String, reason: String },
     #[error("invalid duration {value:?}: {reason}")]
     InvalidDuration { value: String, reason: String },
+    #[error("invalid metrics listen address {0:?}: expected IP:PORT, such as 127.0.0.1:9464 or [::1]:9464 (an IP address, not a host name)")]
+    InvalidMetricsListen(String),
     #[error("listen path {} is not absolute", .0.display())]
     RelativeListen(PathBuf),
     #[error("listen path {} is the runtime's own socket; the shim would proxy to itself", .0.display())]
@@ -485,6 +500,22 @@ pub fn parse_duration(input: &str) -> Result<Duration, ConfigError> {
     Ok(Duration::from_millis(total_ms))
 }
 
+/// Parses the metrics listener's address: an IP address and a port, never a
+/// host name (only the address given is bound, so it must be unambiguous).
+pub fn parse_metrics_listen(input: &str) -> Result<SocketAddr, ConfigError> {
+    input
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::InvalidMetricsListen(input.to_owned()))
+}
+
+fn de_metrics_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_metrics_listen(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn de_runtime_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
     let s = String::deserialize(d)?;
     parse_runtime_endpoint(&s)
@@ -553,6 +584,7 @@ mod tests {
                     runtime_socket: "/run/containerd/containerd.sock".into(),
                     log_format: LogFormat::Text,
                     drain_timeout: Duration::from_secs(10),
+                    metrics_listen: None,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -566,6 +598,7 @@ mod tests {
                     runtime_socket: "/file/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(90),
+                    metrics_listen: None,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -596,6 +629,7 @@ mod tests {
                     runtime_socket: "/flag/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(120),
+                    metrics_listen: None,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -613,6 +647,7 @@ mod tests {
                     runtime_socket: "/flag/containerd.sock".into(),
                     log_format: LogFormat::Text,
                     drain_timeout: Duration::ZERO,
+                    metrics_listen: None,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -625,6 +660,7 @@ mod tests {
                     runtime_socket: "/file/containerd.sock".into(),
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(3),
+                    metrics_listen: None,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -660,6 +696,48 @@ mod tests {
         for (name, flags, want) in cases {
             let err = Config::merge(&cli(&flags), None).expect_err(name);
             assert!(err.to_string().contains(want), "case {name}: {err}");
+        }
+    }
+
+    #[test]
+    fn metrics_listen_from_flag_or_file() {
+        let v4: SocketAddr = "127.0.0.1:9464".parse().unwrap();
+        let v6: SocketAddr = "[::1]:9000".parse().unwrap();
+        let cases = [
+            (vec![], None, None),
+            (
+                vec![],
+                Some("metrics_listen = \"127.0.0.1:9464\""),
+                Some(v4),
+            ),
+            (vec!["--metrics-listen", "[::1]:9000"], None, Some(v6)),
+            (
+                vec!["--metrics-listen=[::1]:9000"],
+                Some("metrics_listen = \"127.0.0.1:9464\""),
+                Some(v6),
+            ),
+            (
+                vec!["--metrics-listen", "127.0.0.1:0"],
+                None,
+                Some("127.0.0.1:0".parse().unwrap()),
+            ),
+        ];
+        for (flags, text, want) in cases {
+            let config = Config::merge(&cli(&flags), text.map(file)).unwrap();
+            assert_eq!(config.metrics_listen, want, "{flags:?} {text:?}");
+        }
+        for bad in [
+            "localhost:9464",
+            "127.0.0.1",
+            ":9464",
+            "127.0.0.1:99999",
+            "",
+        ] {
+            let msg = parse_metrics_listen(bad).unwrap_err().to_string();
+            assert!(
+                msg.contains(&format!("{bad:?}")) && msg.contains("IP:PORT"),
+                "{bad:?}: {msg}"
+            );
         }
     }
 
@@ -747,6 +825,10 @@ mod tests {
             (vec!["--drain-timeout", "10"], "missing unit"),
             (vec!["--drain-timeout", "soon"], "expected a number"),
             (vec!["--log-format", "xml"], "possible values: text, json"),
+            (
+                vec!["--metrics-listen", "localhost:9464"],
+                "expected IP:PORT",
+            ),
             (vec!["--no-such-flag"], "unexpected argument"),
         ];
         for (args, want) in cases {
@@ -787,6 +869,11 @@ mod tests {
                 "unknown variant `xml`",
             ),
             ("not toml", "listen = \n", "TOML parse error"),
+            (
+                "metrics address with a host name",
+                "metrics_listen = \"node:9464\"\n",
+                "expected IP:PORT",
+            ),
             (
                 "unknown preset",
                 "[lifecycle]\npresets = [\"istio\", \"consul\"]\n",

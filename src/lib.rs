@@ -6,6 +6,7 @@ pub mod config;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod signal;

@@ -7,10 +7,12 @@
 //! have no errors, 1 when they have, 2 when its input cannot be read.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use sidecar_shim::config::{Cli, Command, Config};
+use sidecar_shim::metrics::{self, Metrics};
 use sidecar_shim::{listener, logging, proxy, signal};
 
 fn main() -> ExitCode {
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
         runtime_socket = %config.runtime_socket.display(),
         log_format = %config.log_format,
         drain_timeout = ?config.drain_timeout,
+        metrics_listen = config.metrics_listen.map(|a| a.to_string()),
         "starting with effective configuration"
     );
 
@@ -65,6 +68,18 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Metrics first: a taken port fails startup before the CRI socket exists.
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            let metrics = Arc::new(Metrics::new());
+            tokio::spawn(metrics::serve(listener, metrics.clone()));
+            metrics
+        }
+        None => Arc::new(Metrics::disabled()),
+    };
     // Binding needs the runtime (tokio registers the listener with it).
     // Its errors already name the path and, for a live socket, say that
     // another process is serving it.
@@ -77,11 +92,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.runtime_socket.clone(),
         config.lifecycle.settings(),
         config.lifecycle.defaults(),
+        metrics.clone(),
     );
     let served = proxy::serve_with(
         listener,
         config.runtime_socket.clone(),
-        std::sync::Arc::new(lifecycle),
+        Arc::new(lifecycle),
+        metrics,
         signal::shutdown(),
         config.drain_timeout,
     )

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::machine::{Action, CallId, Event, Machine, Settings, StatusOverride};
 use super::probe;
 use super::spec::{self, Defaults, PodSpec, ReadyCheck};
+use crate::metrics::{Hold, Metrics};
 use crate::proxy::{CallFuture, Interceptor, LocalCall};
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
@@ -100,6 +101,7 @@ struct Inner {
     /// the crash-loop backoff from finished_at (a finished_at that is always
     /// "now" keeps the container in backoff until the entry expires).
     never_started_at: Mutex<HashMap<String, i64>>,
+    metrics: Arc<Metrics>,
 }
 
 enum Decision {
@@ -116,7 +118,12 @@ impl Lifecycle {
     /// The lifecycle over the runtime at `runtime` (its own connection,
     /// opened lazily and re-opened as needed). Must be called inside a tokio
     /// runtime: it starts the driver task.
-    pub fn new(runtime: PathBuf, settings: Settings, defaults: Defaults) -> Lifecycle {
+    pub fn new(
+        runtime: PathBuf,
+        settings: Settings,
+        defaults: Defaults,
+        metrics: Arc<Metrics>,
+    ) -> Lifecycle {
         let channel = Endpoint::from_static("http://localhost").connect_with_connector_lazy(
             tower::service_fn(move |_: Uri| {
                 let path = runtime.clone();
@@ -147,6 +154,7 @@ impl Lifecycle {
             netns: Mutex::default(),
             epoch: (Instant::now(), SystemTime::now()),
             never_started_at: Mutex::default(),
+            metrics,
         });
         tokio::spawn(driver(inner.clone()));
         Lifecycle { inner }
@@ -341,6 +349,7 @@ impl Inner {
                     });
                 }
                 Action::Log(note) => {
+                    self.metrics.decision(&note);
                     info!(pod = %note.pod, container = %note.container, detail = %note.detail, "{}", note.what)
                 }
             }
@@ -353,14 +362,18 @@ impl Inner {
         }
     }
 
-    /// Register a held call; the guard reports it cancelled if dropped.
-    fn hold(self: &Arc<Self>) -> (CallId, oneshot::Receiver<Decision>, HeldGuard) {
+    /// Register a held call (`call`: its method, for the metrics); the
+    /// guard reports it cancelled if dropped.
+    fn hold(
+        self: &Arc<Self>,
+        call: &'static str,
+    ) -> (CallId, Hold<oneshot::Receiver<Decision>>, HeldGuard) {
         let id = self.call_id();
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         (
             id,
-            rx,
+            self.metrics.hold(call, rx),
             HeldGuard {
                 inner: self.clone(),
                 id,
@@ -464,7 +477,7 @@ impl Inner {
         if !lock(&self.machine).knows(&req.container_id) {
             return self.forward(&call, call.message.clone()).await;
         }
-        let (id, rx, guard) = self.hold();
+        let (id, rx, guard) = self.hold("StartContainer");
         self.feed(Event::StartCalled {
             call: id,
             container: req.container_id.clone(),
@@ -496,7 +509,7 @@ impl Inner {
         if !lock(&self.machine).knows(&req.container_id) {
             return self.forward(&call, call.message.clone()).await;
         }
-        let (id, rx, guard) = self.hold();
+        let (id, rx, guard) = self.hold("StopContainer");
         self.feed(Event::StopCalled {
             call: id,
             container: req.container_id.clone(),
@@ -541,7 +554,7 @@ impl Inner {
         }
         // kubelet runs exec hooks with timeout 0; probes always have one.
         if pre_stop == Some(true) && req.timeout == 0 {
-            let (id, rx, guard) = self.hold();
+            let (id, rx, guard) = self.hold("ExecSync");
             self.feed(Event::PreStopCalled {
                 call: id,
                 container: req.container_id.clone(),
@@ -563,7 +576,7 @@ impl Inner {
     async fn stop_pod_sandbox(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
         let req: cri::StopPodSandboxRequest = decode(&call.message)?;
         if lock(&self.machine).knows_pod(&req.pod_sandbox_id) {
-            let (id, rx, guard) = self.hold();
+            let (id, rx, guard) = self.hold("StopPodSandbox");
             self.feed(Event::StopPodCalled {
                 call: id,
                 pod: req.pod_sandbox_id.clone(),
@@ -821,7 +834,9 @@ async fn probe_loop(me: Arc<Inner>, container: String, pod: String) {
             break;
         }
         let mut rt = me.runtime.clone();
-        match probe::check(&check, &target, &mut rt).await {
+        let outcome = probe::check(&check, &target, &mut rt).await;
+        me.metrics.readiness_check(&check, outcome.is_ready());
+        match outcome {
             probe::Outcome::Ready => {
                 me.feed(Event::Ready {
                     container: container.clone(),
