@@ -1,5 +1,5 @@
-//! Header blocks: decoding what clients send (HPACK, RFC 7541) and encoding
-//! what the proxy sends.
+//! Header blocks: decoding what clients send (HPACK, RFC 7541) and, with
+//! metrics on, what the runtime answers; encoding what the proxy sends.
 //!
 //! The proxy re-encodes every request header block it forwards, and encodes
 //! the responses it answers itself, using only literal representations that
