@@ -2,11 +2,13 @@
 //! through a plain byte relay (socat: the floor of one extra Unix-socket hop)
 //! and through sidecar-shim, side by side in one run.
 //!
-//! Run by `hack/bench`, which starts a private containerd, the relay and the
-//! shim and passes their sockets:
+//! Run by `hack/bench`, which starts a private containerd, the relay, the
+//! shim and a second shim with metrics on (`--metrics-listen`), and passes
+//! their sockets:
 //!
 //! ```text
 //! cargo bench --bench cri -- --direct SOCK --relay SOCK --shim SOCK --shim-pid PID
+//!     [--metrics SOCK --metrics-pid PID --metrics-addr IP:PORT]
 //!     [--containers 100] [--seconds 1.0] [--rounds 3]
 //!     [--calls Version,ContainerStatus,ListContainers] [--concurrency 1,32]
 //!     [--admin-load]
@@ -16,6 +18,9 @@
 //! back to back, on `admin.sock` next to the shim's socket) for the whole
 //! run, to show what admin calls cost the CRI relay on the shim's single
 //! thread; it prints how many it made.
+//!
+//! With `--metrics-addr` it scrapes that shim at the end and compares the
+//! calls it counted with the calls it was sent.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -34,6 +39,8 @@ const IMAGE: &str = "localhost/sidecar-shim/busybox:test";
 struct Args {
     targets: Vec<(&'static str, PathBuf)>,
     shim_pid: Option<u32>,
+    metrics_pid: Option<u32>,
+    metrics_addr: Option<std::net::SocketAddr>,
     containers: usize,
     seconds: f64,
     rounds: usize,
@@ -46,6 +53,8 @@ fn parse_args() -> Args {
     let mut args = Args {
         targets: vec![],
         shim_pid: None,
+        metrics_pid: None,
+        metrics_addr: None,
         containers: 100,
         seconds: 1.0,
         rounds: 3,
@@ -61,6 +70,9 @@ fn parse_args() -> Args {
             "--relay" => args.targets.push(("relay", val().into())),
             "--shim" => args.targets.push(("shim", val().into())),
             "--shim-pid" => args.shim_pid = Some(val().parse().expect("pid")),
+            "--metrics" => args.targets.push(("metrics", val().into())),
+            "--metrics-pid" => args.metrics_pid = Some(val().parse().expect("pid")),
+            "--metrics-addr" => args.metrics_addr = Some(val().parse().expect("IP:PORT")),
             "--containers" => args.containers = val().parse().expect("count"),
             "--seconds" => args.seconds = val().parse().expect("seconds"),
             "--rounds" => args.rounds = val().parse().expect("rounds"),
@@ -88,7 +100,7 @@ fn parse_args() -> Args {
     }
     assert!(
         !args.targets.is_empty(),
-        "give at least one of --direct, --relay, --shim"
+        "give at least one of --direct, --relay, --shim, --metrics"
     );
     args
 }
@@ -198,6 +210,23 @@ async fn run(
     (all, rate)
 }
 
+/// The sum of `sidecar_shim_calls_total` at http://ADDR/metrics (loopback).
+async fn scrape_calls(addr: std::net::SocketAddr) -> std::io::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    assert!(addr.ip().is_loopback(), "only loopback is scraped");
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("sidecar_shim_calls_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum())
+}
+
 fn pct(sorted: &[u64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i] as f64 / 1000.0
@@ -298,12 +327,14 @@ fn main() {
             "call", "conc", "via", "p50 µs", "p99 µs", "calls/s"
         );
         let mut ratios = Vec::new();
+        // Calls sent along each path.
+        let mut sent = vec![0usize; clients.len()];
         for &call in &args.calls {
             for &conc in &args.concurrency {
                 // Warm up every path, then alternate them round by round so
                 // that drift on the shared machine hits all alike.
-                for (_, c) in &clients {
-                    run(c, call, conc, 0.2, &ids).await;
+                for (i, (_, c)) in clients.iter().enumerate() {
+                    sent[i] += run(c, call, conc, 0.2, &ids).await.0.len();
                 }
                 let mut lat: Vec<Vec<u64>> = vec![Vec::new(); clients.len()];
                 let mut rates: Vec<Vec<f64>> = vec![Vec::new(); clients.len()];
@@ -311,6 +342,7 @@ fn main() {
                     for k in 0..clients.len() {
                         let i = (k + round) % clients.len();
                         let (l, r) = run(&clients[i].1, call, conc, args.seconds, &ids).await;
+                        sent[i] += l.len();
                         lat[i].extend(l);
                         rates[i].push(r);
                     }
@@ -346,12 +378,12 @@ fn main() {
             "rate shim/direct",
             "rate shim/relay"
         );
+        let get = |v: &Vec<(&str, f64)>, n: &str| v.iter().find(|x| x.0 == n).map(|x| x.1);
+        let ratio = |v: &Vec<(&str, f64)>, a: &str, b: &str| match (get(v, a), get(v, b)) {
+            (Some(x), Some(y)) => format!("{:.3}", x / y),
+            _ => "-".into(),
+        };
         for (call, conc, p50, rate) in &ratios {
-            let get = |v: &Vec<(&str, f64)>, n: &str| v.iter().find(|x| x.0 == n).map(|x| x.1);
-            let ratio = |v: &Vec<(&str, f64)>, a: &str, b: &str| match (get(v, a), get(v, b)) {
-                (Some(x), Some(y)) => format!("{:.3}", x / y),
-                _ => "-".into(),
-            };
             println!(
                 "{:<16} {:>4}  {:>18} {:>18} {:>18} {:>18}",
                 call.name(),
@@ -371,10 +403,47 @@ fn main() {
                 calls as f64 / took.as_secs_f64()
             );
         }
-        if let Some(pid) = args.shim_pid {
+        if args.targets.iter().any(|t| t.0 == "metrics") {
+            println!();
+            println!(
+                "{:<16} {:>4}  {:>18} {:>18} {:>18} {:>18}",
+                "metrics on:",
+                "conc",
+                "p50 metrics/relay",
+                "rate metrics/relay",
+                "p50 metrics/shim",
+                "rate metrics/shim"
+            );
+            for (call, conc, p50, rate) in &ratios {
+                println!(
+                    "{:<16} {:>4}  {:>18} {:>18} {:>18} {:>18}",
+                    call.name(),
+                    conc,
+                    ratio(p50, "metrics", "relay"),
+                    ratio(rate, "metrics", "relay"),
+                    ratio(p50, "metrics", "shim"),
+                    ratio(rate, "metrics", "shim"),
+                );
+            }
+        }
+        println!();
+        for (what, pid) in [("shim", args.shim_pid), ("metrics shim", args.metrics_pid)] {
+            let Some(pid) = pid else { continue };
             match peak_rss_kib(pid) {
-                Some(kib) => println!("\nshim peak RSS (VmHWM): {:.1} MiB", kib as f64 / 1024.0),
-                None => println!("\nshim peak RSS: process {pid} not readable"),
+                Some(kib) => println!("{what} peak RSS (VmHWM): {:.1} MiB", kib as f64 / 1024.0),
+                None => println!("{what} peak RSS: process {pid} not readable"),
+            }
+        }
+        if let (Some(addr), Some(i)) = (
+            args.metrics_addr,
+            args.targets.iter().position(|t| t.0 == "metrics"),
+        ) {
+            match scrape_calls(addr).await {
+                Ok(counted) => println!(
+                    "metrics shim counted {counted} calls in sidecar_shim_calls_total; the bench sent it {}",
+                    sent[i]
+                ),
+                Err(e) => println!("scraping {addr} failed: {e}"),
             }
         }
         direct

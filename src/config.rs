@@ -13,6 +13,7 @@
 //! line; `merge` only checks rules that involve the final combination.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,6 +44,7 @@ Config file (TOML), all keys optional:
     log_format = \"text\"          # or \"json\"
     drain_timeout = \"10s\"        # e.g. \"500ms\", \"2m\", \"1m30s\"
     state_dir = \"/var/lib/sidecar-shim\"
+    metrics_listen = \"127.0.0.1:9464\"  # off when unset
 Unknown keys are an error.
 
 Logging: the log filter is read from the RUST_LOG environment variable
@@ -96,6 +98,10 @@ pub struct Cli {
     /// (one file per pod with sidecars) [default: /var/lib/sidecar-shim]
     #[arg(long, value_name = "PATH")]
     pub state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (IP:PORT; port 0
+    /// picks a free one). Unauthenticated: give a loopback or node-local address [default: off]
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_listen)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The commands besides running the daemon.
@@ -201,6 +207,8 @@ pub struct FileConfig {
     pub drain_timeout: Option<Duration>,
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_metrics_listen")]
+    pub metrics_listen: Option<SocketAddr>,
     /// The `[lifecycle]` table.
     #[serde(default)]
     pub lifecycle: LifecycleFile,
@@ -366,6 +374,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Where the lifecycle's state is kept.
     pub state_dir: PathBuf,
+    /// Where to serve Prometheus metrics; `None`: nowhere (no metrics kept).
+    pub metrics_listen: Option<SocketAddr>,
     pub lifecycle: LifecycleConfig,
 }
 
@@ -379,6 +389,7 @@ impl Default for Config {
             log_format: LogFormat::default(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            metrics_listen: None,
             lifecycle: LifecycleConfig::default(),
         }
     }
@@ -416,6 +427,7 @@ impl Config {
                 defaults.drain_timeout,
             ),
             state_dir: pick(cli.state_dir.clone(), file.state_dir, defaults.state_dir),
+            metrics_listen: cli.metrics_listen.or(file.metrics_listen),
             lifecycle: LifecycleConfig::merge(file.lifecycle),
         };
         if let Err(reason) =
@@ -488,6 +500,8 @@ pub enum ConfigError {
     InvalidEndpoint { value: String, reason: String },
     #[error("invalid duration {value:?}: {reason}")]
     InvalidDuration { value: String, reason: String },
+    #[error("invalid metrics listen address {0:?}: expected IP:PORT, such as 127.0.0.1:9464 or [::1]:9464 (an IP address, not a host name)")]
+    InvalidMetricsListen(String),
     #[error("listen path {} is not absolute", .0.display())]
     RelativeListen(PathBuf),
     #[error("listen path {} is the runtime's own socket; the shim would proxy to itself", .0.display())]
@@ -595,6 +609,22 @@ pub fn parse_duration(input: &str) -> Result<Duration, ConfigError> {
     Ok(Duration::from_millis(total_ms))
 }
 
+/// Parses the metrics listener's address: an IP address and a port, never a
+/// host name (only the address given is bound, so it must be unambiguous).
+pub fn parse_metrics_listen(input: &str) -> Result<SocketAddr, ConfigError> {
+    input
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError::InvalidMetricsListen(input.to_owned()))
+}
+
+fn de_metrics_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_metrics_listen(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn de_runtime_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
     let s = String::deserialize(d)?;
     parse_runtime_endpoint(&s)
@@ -666,6 +696,7 @@ mod tests {
                     log_format: LogFormat::Text,
                     drain_timeout: Duration::from_secs(10),
                     state_dir: "/var/lib/sidecar-shim".into(),
+                    metrics_listen: None,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -681,6 +712,7 @@ mod tests {
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(90),
                     state_dir: "/var/lib/sidecar-shim".into(),
+                    metrics_listen: None,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -713,6 +745,7 @@ mod tests {
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(120),
                     state_dir: "/var/lib/sidecar-shim".into(),
+                    metrics_listen: None,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -733,6 +766,7 @@ mod tests {
                     log_format: LogFormat::Text,
                     drain_timeout: Duration::ZERO,
                     state_dir: "/var/lib/sidecar-shim".into(),
+                    metrics_listen: None,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -757,6 +791,7 @@ mod tests {
                     log_format: LogFormat::Json,
                     drain_timeout: Duration::from_secs(3),
                     state_dir: "/var/lib/sidecar-shim".into(),
+                    metrics_listen: None,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -812,6 +847,48 @@ mod tests {
         for (name, flags, want) in cases {
             let err = Config::merge(&cli(&flags), None).expect_err(name);
             assert!(err.to_string().contains(want), "case {name}: {err}");
+        }
+    }
+
+    #[test]
+    fn metrics_listen_from_flag_or_file() {
+        let v4: SocketAddr = "127.0.0.1:9464".parse().unwrap();
+        let v6: SocketAddr = "[::1]:9000".parse().unwrap();
+        let cases = [
+            (vec![], None, None),
+            (
+                vec![],
+                Some("metrics_listen = \"127.0.0.1:9464\""),
+                Some(v4),
+            ),
+            (vec!["--metrics-listen", "[::1]:9000"], None, Some(v6)),
+            (
+                vec!["--metrics-listen=[::1]:9000"],
+                Some("metrics_listen = \"127.0.0.1:9464\""),
+                Some(v6),
+            ),
+            (
+                vec!["--metrics-listen", "127.0.0.1:0"],
+                None,
+                Some("127.0.0.1:0".parse().unwrap()),
+            ),
+        ];
+        for (flags, text, want) in cases {
+            let config = Config::merge(&cli(&flags), text.map(file)).unwrap();
+            assert_eq!(config.metrics_listen, want, "{flags:?} {text:?}");
+        }
+        for bad in [
+            "localhost:9464",
+            "127.0.0.1",
+            ":9464",
+            "127.0.0.1:99999",
+            "",
+        ] {
+            let msg = parse_metrics_listen(bad).unwrap_err().to_string();
+            assert!(
+                msg.contains(&format!("{bad:?}")) && msg.contains("IP:PORT"),
+                "{bad:?}: {msg}"
+            );
         }
     }
 
@@ -899,6 +976,10 @@ mod tests {
             (vec!["--drain-timeout", "10"], "missing unit"),
             (vec!["--drain-timeout", "soon"], "expected a number"),
             (vec!["--log-format", "xml"], "possible values: text, json"),
+            (
+                vec!["--metrics-listen", "localhost:9464"],
+                "expected IP:PORT",
+            ),
             (vec!["--no-such-flag"], "unexpected argument"),
         ];
         for (args, want) in cases {
@@ -939,6 +1020,11 @@ mod tests {
                 "unknown variant `xml`",
             ),
             ("not toml", "listen = \n", "TOML parse error"),
+            (
+                "metrics address with a host name",
+                "metrics_listen = \"node:9464\"\n",
+                "expected IP:PORT",
+            ),
             (
                 "unknown preset",
                 "[lifecycle]\npresets = [\"istio\", \"consul\"]\n",

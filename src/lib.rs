@@ -8,6 +8,7 @@ pub mod failpoint;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod signal;

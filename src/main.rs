@@ -9,10 +9,12 @@
 //! shim is healthy, 1 when it is not, 2 when its admin socket cannot be reached.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use sidecar_shim::config::{Cli, Command, Config};
+use sidecar_shim::metrics::{self, Metrics};
 use sidecar_shim::{admin, listener, logging, proxy, signal};
 
 fn main() -> ExitCode {
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         log_format = %config.log_format,
         drain_timeout = ?config.drain_timeout,
         state_dir = %config.state_dir.display(),
+        metrics_listen = config.metrics_listen.map(|a| a.to_string()),
         "starting with effective configuration"
     );
 
@@ -71,6 +74,18 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Metrics first: a taken port fails startup before the CRI socket exists.
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            let metrics = Arc::new(Metrics::new());
+            tokio::spawn(metrics::serve(listener, metrics.clone()));
+            metrics
+        }
+        None => Arc::new(Metrics::disabled()),
+    };
     // Binding needs the runtime (tokio registers the listener with it).
     // Its errors already name the path and, for a live socket, say that
     // another process is serving it.
@@ -92,6 +107,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.lifecycle.settings(),
         config.lifecycle.defaults(),
         Some(config.state_dir.clone()),
+        metrics.clone(),
     );
     let admin_service = admin::AdminService::new(lifecycle.clone(), config.runtime_socket.clone());
     let admin = tokio::spawn(async move {
@@ -103,7 +119,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let served = proxy::serve_with(
         listener,
         config.runtime_socket.clone(),
-        std::sync::Arc::new(lifecycle),
+        Arc::new(lifecycle),
+        metrics,
         async {
             shutdown.await;
             sidecar_shim::notify::stopping();

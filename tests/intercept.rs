@@ -90,6 +90,9 @@ async fn harness() -> Harness {
         listener,
         runtime,
         Arc::new(TestInterceptor { dropped: tx }),
+        // Metrics on: the relay also follows response header blocks, which
+        // must leave every frame as it was.
+        Arc::new(sidecar_shim::metrics::Metrics::new()),
         async move {
             let _ = rx.await;
         },

@@ -972,11 +972,22 @@ async fn unknown_and_old_methods_answer_identically() -> Result<()> {
 
 /// A successful call's response — status, headers, message bytes and
 /// trailers — is the same through the shim as directly; so are the bytes of
-/// an error answer (Trailers-Only).
+/// an error answer (Trailers-Only). Also through a shim with metrics on,
+/// whose relay decodes the response header blocks too.
 #[tokio::test]
 async fn response_headers_and_trailers_are_identical() -> Result<()> {
     let (containerd, shim) = containerd_and_shim(&[]).await?;
-    let logs = LogsOnError::new(&[containerd.log_path(), shim.log_path().to_path_buf()]);
+    let with_metrics = ShimProcess::start(
+        &containerd.dir().join("shim-metrics.sock"),
+        containerd.socket(),
+        &["--metrics-listen", "127.0.0.1:0"],
+    )
+    .await?;
+    let logs = LogsOnError::new(&[
+        containerd.log_path(),
+        shim.log_path().to_path_buf(),
+        with_metrics.log_path().to_path_buf(),
+    ]);
     for (path, message) in [
         ("/runtime.v1.RuntimeService/Version", v1().encode_to_vec()),
         (
@@ -995,6 +1006,9 @@ async fn response_headers_and_trailers_are_identical() -> Result<()> {
         let via_shim = raw_grpc_post(shim.listen(), path, &message)
             .await
             .with_context(|| format!("{path} through the shim"))?;
+        let via_metrics_shim = raw_grpc_post(with_metrics.listen(), path, &message)
+            .await
+            .with_context(|| format!("{path} through the shim with metrics"))?;
         eprintln!("{path} directly: {direct:?}");
         assert_eq!(direct.status, http::StatusCode::OK);
         ensure!(
@@ -1008,6 +1022,10 @@ async fn response_headers_and_trailers_are_identical() -> Result<()> {
             .get("grpc-status");
         ensure!(grpc_status.is_some(), "no grpc-status: {direct:?}");
         assert_eq!(via_shim, direct, "{path}: through the shim vs directly");
+        assert_eq!(
+            via_metrics_shim, direct,
+            "{path}: through the shim with metrics vs directly"
+        );
     }
     logs.passed()
 }

@@ -123,7 +123,43 @@ async fn start_shim(
     state: &Path,
 ) -> Result<ShimProcess> {
     let state = state.display().to_string();
-    ShimProcess::start(listen, containerd.socket(), &["--state-dir", &state]).await
+    ShimProcess::start(
+        listen,
+        containerd.socket(),
+        &["--state-dir", &state, "--metrics-listen", "127.0.0.1:0"],
+    )
+    .await
+}
+
+/// `sidecar_shim_state_write_errors_total` as the shim's metrics listener
+/// (on loopback, at the address it logged) reports it.
+async fn state_write_errors_metric(shim: &ShimProcess) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MARK: &str = "serving Prometheus metrics on http://";
+    let log = shim.log();
+    let line = log
+        .rsplit("=== sidecar-shim")
+        .next()
+        .unwrap_or("")
+        .lines()
+        .find(|l| l.contains(MARK))
+        .context("no metrics address in the log")?
+        .to_string();
+    let rest = &line[line.find(MARK).expect("found") + MARK.len()..];
+    let addr: std::net::SocketAddr = rest.split("/metrics").next().unwrap_or_default().parse()?;
+    ensure!(addr.ip().is_loopback(), "metrics on {addr}");
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_string(&mut body)).await??;
+    body.lines()
+        .find_map(|l| l.strip_prefix("sidecar_shim_state_write_errors_total "))
+        .context("no sidecar_shim_state_write_errors_total")?
+        .trim()
+        .parse()
+        .context("not a number")
 }
 
 /// A state file as written: header `sidecar-shim-state 1 crc32=X len=N`
@@ -346,6 +382,12 @@ async fn faulty_dir_keeps_the_shim_working(fault: &str) -> Result<()> {
             && store["failed_writes"].as_u64() > Some(errors as u64)
             && store["pending"].as_u64() >= Some(2),
         "status exit {code:?}, store {store:#}"
+    );
+    // The metrics count every failure.
+    let counted = state_write_errors_metric(&env.shim).await?;
+    ensure!(
+        counted >= store["failed_writes"].as_f64().unwrap_or(f64::MAX),
+        "metrics counted {counted} failed writes, status {store:#}"
     );
 
     // Writes work again: the shim catches up on its own.

@@ -30,6 +30,7 @@ use super::probe;
 use super::spec::{self, Defaults, PodSpec, ReadyCheck};
 use super::store::{self, Store, StoreHealth};
 use crate::failpoint;
+use crate::metrics::{Hold, Metrics};
 use crate::proxy::{CallFuture, Interceptor, LocalCall};
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
@@ -123,6 +124,7 @@ struct Inner {
     stop_pod_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Since when each held call is held (for the admin API).
     held_at: Mutex<HashMap<CallId, Instant>>,
+    metrics: Arc<Metrics>,
 }
 
 enum Decision {
@@ -147,6 +149,7 @@ impl Lifecycle {
         settings: Settings,
         defaults: Defaults,
         state_dir: Option<PathBuf>,
+        metrics: Arc<Metrics>,
     ) -> Lifecycle {
         let channel = Endpoint::from_static("http://localhost").connect_with_connector_lazy(
             tower::service_fn(move |_: Uri| {
@@ -182,6 +185,7 @@ impl Lifecycle {
             reconciled_notify: Notify::new(),
             stop_pod_turns: Mutex::default(),
             held_at: Mutex::default(),
+            metrics,
         });
         inner.load_state();
         tokio::spawn(start_up(inner.clone()));
@@ -380,6 +384,7 @@ impl Inner {
             return;
         };
         let mut store = lock(store);
+        let failed = store.failed_writes();
         for pod in touched {
             match m.record(&pod, &self.clock) {
                 Some(record) => match serde_json::to_vec(&record) {
@@ -388,6 +393,9 @@ impl Inner {
                 },
                 None => store.remove(&pod),
             }
+        }
+        for _ in failed..store.failed_writes() {
+            self.metrics.state_write_error();
         }
     }
 
@@ -460,9 +468,11 @@ impl Inner {
                     tokio::spawn(self.clone().stop_own(container, timeout));
                 }
                 Action::Log(note) => {
+                    self.metrics.decision(&note);
                     info!(pod = %note.pod, container = %note.container, detail = %note.detail, "{}", note.what)
                 }
                 Action::Warn(note) => {
+                    self.metrics.decision(&note);
                     warn!(pod = %note.pod, container = %note.container, detail = %note.detail, "{}", note.what)
                 }
             }
@@ -535,15 +545,19 @@ impl Inner {
         }
     }
 
-    /// Register a held call; the guard reports it cancelled if dropped.
-    fn hold(self: &Arc<Self>) -> (CallId, oneshot::Receiver<Decision>, HeldGuard) {
+    /// Register a held call (`call`: its method, for the metrics); the
+    /// guard reports it cancelled if dropped.
+    fn hold(
+        self: &Arc<Self>,
+        call: &'static str,
+    ) -> (CallId, Hold<oneshot::Receiver<Decision>>, HeldGuard) {
         let id = self.call_id();
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         lock(&self.held_at).insert(id, Instant::now());
         (
             id,
-            rx,
+            self.metrics.hold(call, rx),
             HeldGuard {
                 inner: self.clone(),
                 id,
@@ -647,7 +661,7 @@ impl Inner {
         if !lock(&self.machine).knows(&req.container_id) {
             return self.forward(&call, call.message.clone()).await;
         }
-        let (id, rx, guard) = self.hold();
+        let (id, rx, guard) = self.hold("StartContainer");
         self.feed(Event::StartCalled {
             call: id,
             container: req.container_id.clone(),
@@ -676,7 +690,7 @@ impl Inner {
         if !lock(&self.machine).knows(&req.container_id) {
             return self.forward(&call, call.message.clone()).await;
         }
-        let (id, rx, guard) = self.hold();
+        let (id, rx, guard) = self.hold("StopContainer");
         self.feed(Event::StopCalled {
             call: id,
             container: req.container_id.clone(),
@@ -718,7 +732,7 @@ impl Inner {
         }
         // kubelet runs exec hooks with timeout 0; probes always have one.
         if pre_stop == Some(true) && req.timeout == 0 {
-            let (id, rx, guard) = self.hold();
+            let (id, rx, guard) = self.hold("ExecSync");
             self.feed(Event::PreStopCalled {
                 call: id,
                 container: req.container_id.clone(),
@@ -740,7 +754,7 @@ impl Inner {
     async fn stop_pod_sandbox(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
         let req: cri::StopPodSandboxRequest = decode(&call.message)?;
         if lock(&self.machine).knows_pod(&req.pod_sandbox_id) {
-            let (id, rx, guard) = self.hold();
+            let (id, rx, guard) = self.hold("StopPodSandbox");
             self.feed(Event::StopPodCalled {
                 call: id,
                 pod: req.pod_sandbox_id.clone(),
@@ -1124,7 +1138,12 @@ async fn store_retry(me: Arc<Inner>) {
             // Under the machine's lock, so that a newer record written by
             // `feed` meanwhile is not overwritten by an older one.
             let _m = lock(&me.machine);
-            lock(store).retry();
+            let mut store = lock(store);
+            let failed = store.failed_writes();
+            store.retry();
+            for _ in failed..store.failed_writes() {
+                me.metrics.state_write_error();
+            }
         }
     }
 }
@@ -1219,7 +1238,9 @@ async fn probe_loop(me: Arc<Inner>, container: String, pod: String) {
             break;
         }
         let mut rt = me.runtime.clone();
-        match probe::check(&check, &target, &mut rt).await {
+        let outcome = probe::check(&check, &target, &mut rt).await;
+        me.metrics.readiness_check(&check, outcome.is_ready());
+        match outcome {
             probe::Outcome::Ready => {
                 me.feed(Event::Ready {
                     container: container.clone(),

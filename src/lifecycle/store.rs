@@ -227,6 +227,11 @@ impl Store {
         }
     }
 
+    /// Writes and removals that failed since the shim started.
+    pub fn failed_writes(&self) -> u64 {
+        self.failed_writes
+    }
+
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }

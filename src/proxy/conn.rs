@@ -16,7 +16,9 @@
 //!   flow-control credit the proxy owes or is owed for local streams.
 //! * runtime to client: frames pass through untouched; the proxy only walks
 //!   frame headers to account the client's connection window and to see
-//!   calls end. Answers to local streams are injected between frames.
+//!   calls end. Answers to local streams are injected between frames. With
+//!   metrics on, response header blocks are also decoded (never altered) to
+//!   read each call's `grpc-status` (see [`super::status`]).
 //!
 //! Flow control with injected answers: DATA the proxy injects uses the
 //! client's connection window, which the runtime does not know about. The
@@ -37,7 +39,8 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, warn};
 
 use super::frame::{self, flag, kind, reason, Head};
-use super::{grpc, hpack, Interceptor, LocalCall};
+use super::{grpc, hpack, status, Interceptor, LocalCall};
+use crate::metrics::{self, Metrics};
 
 /// Initial read buffer size per direction; grows to hold the largest frame.
 const READ_BUF: usize = 64 * 1024;
@@ -53,6 +56,7 @@ struct Shared {
     /// or a finished local call queued.
     wake: Notify,
     interceptor: Arc<dyn Interceptor>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -87,6 +91,9 @@ struct State {
 struct Forwarded {
     method: Box<str>,
     started: Instant,
+    /// A `grpc-status` seen in a response header block that did not end
+    /// the stream (only followed with metrics on).
+    status: Option<tonic::Code>,
 }
 
 struct Local {
@@ -114,6 +121,7 @@ struct Answer {
     head: Option<BytesMut>,
     data: Bytes,
     trailers: BytesMut,
+    code: tonic::Code,
 }
 
 impl Answer {
@@ -123,11 +131,13 @@ impl Answer {
                 head: Some(grpc::response_headers()),
                 data: grpc::frame_message(&message),
                 trailers: grpc::status_block(&tonic::Status::ok(""), false),
+                code: tonic::Code::Ok,
             },
             Err(status) => Answer {
                 head: None,
                 data: Bytes::new(),
                 trailers: grpc::status_block(&status, true),
+                code: status.code(),
             },
         }
     }
@@ -171,6 +181,7 @@ pub(super) async fn relay(
     runtime: UnixStream,
     pending: BytesMut,
     interceptor: Arc<dyn Interceptor>,
+    metrics: Arc<Metrics>,
     drain: watch::Receiver<bool>,
 ) {
     let shared = Arc::new(Shared {
@@ -181,6 +192,7 @@ pub(super) async fn relay(
         }),
         wake: Notify::new(),
         interceptor,
+        metrics,
     });
     let (client_rd, client_wr) = client.into_split();
     let (runtime_rd, mut runtime_wr) = runtime.into_split();
@@ -190,10 +202,18 @@ pub(super) async fn relay(
     }
     let up = ClientToRuntime::new(shared.clone()).run(client_rd, runtime_wr, pending);
     let down = RuntimeToClient::new(shared.clone(), drain).run(runtime_rd, client_wr);
-    tokio::select! {
-        r = up => if let Err(e) = r { debug!(error = %e, "client side closed") },
-        r = down => if let Err(e) = r { debug!(error = %e, "runtime side closed") },
-    }
+    // What the client makes of calls still in flight: it went away itself,
+    // or it sees its connection fail.
+    let unfinished = tokio::select! {
+        r = up => {
+            if let Err(e) = r { debug!(error = %e, "client side closed") }
+            tonic::Code::Cancelled
+        }
+        r = down => {
+            if let Err(e) = r { debug!(error = %e, "runtime side closed") }
+            tonic::Code::Unavailable
+        }
+    };
     let mut st = shared.lock();
     if !st.calls.is_empty() || !st.local.is_empty() {
         debug!(
@@ -201,6 +221,15 @@ pub(super) async fn relay(
             local = st.local.len(),
             "connection closed with calls in flight"
         );
+        let metrics = &shared.metrics;
+        for call in st.calls.values() {
+            metrics.call(&call.method, unfinished, call.started.elapsed());
+        }
+        for local in st.local.values() {
+            if !matches!(local.phase, Phase::Refused) {
+                metrics.call(&local.method, unfinished, local.started.elapsed());
+            }
+        }
     }
     // Local calls still running die with the connection, as calls to a
     // runtime do when their client goes away: dropping them aborts their
@@ -361,6 +390,13 @@ impl ClientToRuntime {
                                     elapsed_ms = local.started.elapsed().as_millis() as u64,
                                     "client cancelled a local call"
                                 );
+                                if !matches!(local.phase, Phase::Refused) {
+                                    self.shared.metrics.call(
+                                        &local.method,
+                                        tonic::Code::Cancelled,
+                                        local.started.elapsed(),
+                                    );
+                                }
                                 woke = true;
                             }
                         }
@@ -382,6 +418,11 @@ impl ClientToRuntime {
                 kind::RST_STREAM => {
                     if let Some(call) = st.calls.remove(&head.stream) {
                         log_end(head.stream, &call, "cancelled by client");
+                        self.shared.metrics.call(
+                            &call.method,
+                            tonic::Code::Cancelled,
+                            call.started.elapsed(),
+                        );
                     }
                     self.out.extend_from_slice(raw);
                 }
@@ -442,6 +483,7 @@ impl ClientToRuntime {
                 Forwarded {
                     method,
                     started: Instant::now(),
+                    status: None,
                 },
             );
         } else if let Some(local) = st.local.get_mut(&stream) {
@@ -562,10 +604,13 @@ struct RuntimeToClient {
     /// nothing may be sent before it.
     preface_done: bool,
     out: BytesMut,
+    /// Follows response header blocks for call codes; `None` with metrics off.
+    responses: Option<status::Responses>,
 }
 
 impl RuntimeToClient {
     fn new(shared: Arc<Shared>, drain: watch::Receiver<bool>) -> Self {
+        let responses = shared.metrics.enabled().then(status::Responses::default);
         RuntimeToClient {
             shared,
             drain,
@@ -573,6 +618,7 @@ impl RuntimeToClient {
             in_block: false,
             preface_done: false,
             out: BytesMut::new(),
+            responses,
         }
     }
 
@@ -628,9 +674,39 @@ impl RuntimeToClient {
                 break;
             }
             let end = at + head.frame_len();
+            // With metrics on: the code the frame ending a call gives it.
+            let mut code = None;
             let ends_stream = match head.kind {
+                kind::HEADERS | kind::CONTINUATION | kind::PUSH_PROMISE
+                    if self.responses.is_some() =>
+                {
+                    let payload = &buf[at + frame::HEADER_LEN..end];
+                    let block = self
+                        .responses
+                        .as_mut()
+                        .and_then(|r| r.frame(&head, payload));
+                    match block {
+                        Some(block) if block.end_stream => {
+                            code = block.status;
+                            true
+                        }
+                        Some(block) => {
+                            if let Some(call) = st.calls.get_mut(&block.stream) {
+                                call.status = call.status.or(block.status);
+                            }
+                            false
+                        }
+                        None => false,
+                    }
+                }
                 kind::DATA | kind::HEADERS => head.has(flag::END_STREAM),
-                kind::RST_STREAM => true,
+                kind::RST_STREAM => {
+                    if self.responses.is_some() {
+                        let payload = &buf[at + frame::HEADER_LEN..end];
+                        code = frame::payload_u32(payload).map(metrics::reset_code);
+                    }
+                    true
+                }
                 kind::SETTINGS => {
                     if head.has(flag::ACK) {
                         if let Some(Some(window)) = st.unacked_client_settings.pop_front() {
@@ -665,6 +741,14 @@ impl RuntimeToClient {
                             "done"
                         },
                     );
+                    if self.responses.is_some() {
+                        // A response without grpc-status is UNKNOWN to
+                        // a gRPC client.
+                        let code = code.or(call.status).unwrap_or(tonic::Code::Unknown);
+                        self.shared
+                            .metrics
+                            .call(&call.method, code, call.started.elapsed());
+                    }
                 }
             }
             let fits = head.kind != kind::DATA || head.len as i64 <= st.client_window;
@@ -786,6 +870,9 @@ impl RuntimeToClient {
                 latency_us = l.started.elapsed().as_micros() as u64,
                 "local call answered"
             );
+            self.shared
+                .metrics
+                .call(&l.method, answer.code, l.started.elapsed());
             false
         });
     }

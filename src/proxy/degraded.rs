@@ -7,8 +7,12 @@
 //! never hangs. Each new call first checks whether the runtime is back; once
 //! it is, the proxy answers that call, says GOAWAY and closes, and the
 //! client's next connection is relayed again.
+//!
+//! With metrics on, header blocks are decoded after all, only to count each
+//! call under its method.
 
 use std::path::Path;
+use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,13 +21,15 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use super::frame::{self, flag, kind, reason, Head};
-use super::grpc;
+use super::{grpc, hpack};
+use crate::metrics::Metrics;
 
 pub(super) async fn serve(
     mut client: UnixStream,
     mut buf: BytesMut,
     runtime: &Path,
     first_error: std::io::Error,
+    metrics: &Metrics,
     mut drain: watch::Receiver<bool>,
 ) {
     let mut error = first_error;
@@ -32,6 +38,7 @@ pub(super) async fn serve(
     let mut last_stream = 0;
     // A new call whose header block has not ended yet.
     let mut opening: Option<u32> = None;
+    let mut methods = metrics.enabled().then(Methods::default);
     loop {
         let mut close = false;
         while let Some(head) = Head::parse(&buf) {
@@ -47,13 +54,16 @@ pub(super) async fn serve(
                 }
                 kind::GOAWAY => close = true,
                 kind::HEADERS if head.stream > last_stream && head.stream % 2 == 1 => {
-                    // Header blocks are not decoded: every call gets the same
-                    // answer, and the connection never lives long enough for
-                    // its HPACK state to matter.
+                    // Header blocks are not decoded for the answer: every
+                    // call gets the same one, and the connection never lives
+                    // long enough for its HPACK state to matter.
                     last_stream = head.stream;
                     opening = Some(head.stream);
                 }
                 _ => {}
+            }
+            if let Some(m) = &mut methods {
+                m.frame(&head, payload);
             }
             let block_ended = matches!(head.kind, kind::HEADERS | kind::CONTINUATION)
                 && head.has(flag::END_HEADERS);
@@ -80,7 +90,11 @@ pub(super) async fn serve(
                 debug!(stream, back, "answering while the runtime was unreachable");
                 let block = grpc::status_block(&status, true);
                 frame::put_headers(&mut out, stream, &block, true, frame::DEFAULT_MAX_FRAME);
+                if let Some(m) = &mut methods {
+                    metrics.call(&m.path, status.code(), m.since.elapsed());
+                }
                 if back {
+                    metrics.runtime_reachable();
                     frame::put_goaway(&mut out, last_stream, reason::NO_ERROR, b"runtime is back");
                     close = true;
                     break;
@@ -112,6 +126,59 @@ pub(super) async fn serve(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Follows the client's header blocks to learn each call's method (with
+/// metrics on only).
+struct Methods {
+    decoder: Option<hpack::Decoder>,
+    block: BytesMut,
+    /// The `:path` of the last block that ended, and when it began.
+    path: String,
+    since: Instant,
+}
+
+impl Default for Methods {
+    fn default() -> Self {
+        Methods {
+            decoder: Some(hpack::Decoder::default()),
+            block: BytesMut::new(),
+            path: String::new(),
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Methods {
+    fn frame(&mut self, head: &Head, payload: &[u8]) {
+        match head.kind {
+            kind::HEADERS => {
+                self.block.clear();
+                self.since = Instant::now();
+                match frame::headers_fragment(head, payload) {
+                    Some(r) => self.block.extend_from_slice(&payload[r]),
+                    None => self.decoder = None,
+                }
+            }
+            kind::CONTINUATION => self.block.extend_from_slice(payload),
+            _ => return,
+        }
+        if !head.has(flag::END_HEADERS) {
+            return;
+        }
+        self.path.clear();
+        let decoded = self.decoder.as_mut().map(|d| {
+            d.visit(&self.block, |name, value| {
+                if name == b":path" {
+                    self.path.push_str(&String::from_utf8_lossy(value));
+                }
+            })
+        });
+        if let Some(Err(_)) = decoded {
+            // Its table is lost: methods are unknown from now on.
+            self.decoder = None;
         }
     }
 }

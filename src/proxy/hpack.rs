@@ -1,5 +1,5 @@
-//! Header blocks: decoding what clients send (HPACK, RFC 7541) and encoding
-//! what the proxy sends.
+//! Header blocks: decoding what clients send (HPACK, RFC 7541) and, with
+//! metrics on, what the runtime answers; encoding what the proxy sends.
 //!
 //! The proxy re-encodes every request header block it forwards, and encodes
 //! the responses it answers itself, using only literal representations that
@@ -9,6 +9,7 @@
 //! whose table the runtime's encoder owns, is never disturbed by a block the
 //! proxy injects.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use bytes::BytesMut;
@@ -60,6 +61,22 @@ impl Decoder {
     /// Decode a complete header block (HEADERS plus CONTINUATION fragments).
     pub fn decode(&mut self, block: &[u8]) -> Result<HeaderList, DecodeError> {
         let mut list = Vec::with_capacity(10);
+        self.visit(block, |name, value| {
+            list.push((name.to_vec(), value.to_vec()))
+        })?;
+        Ok(list)
+    }
+
+    /// Decode a complete header block, handing each field to `field` in
+    /// order instead of collecting them (no copies of fields the table
+    /// already holds). Used to follow a direction whose fields are only
+    /// looked at, never forwarded.
+    pub fn visit(
+        &mut self,
+        block: &[u8],
+        mut field: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), DecodeError> {
+        let mut fields = 0;
         let mut at = 0;
         while at < block.len() {
             let b = block[at];
@@ -67,10 +84,11 @@ impl Decoder {
                 // Indexed field (§6.1).
                 let (index, n) = integer(&block[at..], 7)?;
                 at += n;
-                list.push(self.entry(index)?);
+                let (name, value) = self.entry(index)?;
+                field(name, value);
             } else if b & 0xe0 == 0x20 {
                 // Dynamic table size update (§6.3): only before the first field.
-                if !list.is_empty() {
+                if fields > 0 {
                     return Err(DecodeError::LateSizeUpdate);
                 }
                 let (size, n) = integer(&block[at..], 5)?;
@@ -80,6 +98,7 @@ impl Decoder {
                 }
                 self.max = size;
                 self.evict(0);
+                continue;
             } else {
                 // Literal with incremental indexing (§6.2.1), without
                 // indexing (§6.2.2) or never indexed (§6.2.3).
@@ -91,30 +110,29 @@ impl Decoder {
                     at += n;
                     name
                 } else {
-                    self.entry(index)?.0
+                    Cow::Borrowed(self.entry(index)?.0)
                 };
                 let (value, n) = string(&block[at..])?;
                 at += n;
+                field(&name, &value);
                 if indexing {
-                    self.insert(name.clone(), value.clone());
+                    let (name, value) = (name.into_owned(), value.into_owned());
+                    self.insert(name, value);
                 }
-                list.push((name, value));
             }
+            fields += 1;
         }
-        Ok(list)
+        Ok(())
     }
 
-    fn entry(&self, index: usize) -> Result<(Vec<u8>, Vec<u8>), DecodeError> {
+    fn entry(&self, index: usize) -> Result<(&[u8], &[u8]), DecodeError> {
         match index {
             0 => Err(DecodeError::BadIndex(0)),
-            1..=61 => Ok((
-                STATIC_NAMES[index - 1].to_vec(),
-                static_value(index).to_vec(),
-            )),
+            1..=61 => Ok((STATIC_NAMES[index - 1], static_value(index))),
             _ => self
                 .table
                 .get(index - 62)
-                .cloned()
+                .map(|(n, v)| (n.as_slice(), v.as_slice()))
                 .ok_or(DecodeError::BadIndex(index)),
         }
     }
@@ -163,7 +181,7 @@ fn integer(buf: &[u8], prefix_bits: u8) -> Result<(usize, usize), DecodeError> {
 }
 
 /// RFC 7541 §5.2 string literal: (octets, bytes used).
-fn string(buf: &[u8]) -> Result<(Vec<u8>, usize), DecodeError> {
+fn string(buf: &[u8]) -> Result<(Cow<'_, [u8]>, usize), DecodeError> {
     let huffman = buf.first().ok_or(DecodeError::Truncated)? & 0x80 != 0;
     let (len, n) = integer(buf, 7)?;
     let raw = buf.get(n..n + len).ok_or(DecodeError::Truncated)?;
@@ -171,9 +189,9 @@ fn string(buf: &[u8]) -> Result<(Vec<u8>, usize), DecodeError> {
         let mut out = Vec::with_capacity(len * 8 / 5 + 1);
         httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FourBits)
             .map_err(|_| DecodeError::Huffman)?;
-        out
+        Cow::Owned(out)
     } else {
-        raw.to_vec()
+        Cow::Borrowed(raw)
     };
     Ok((value, n + len))
 }

@@ -8,6 +8,7 @@ mod degraded;
 pub mod frame;
 pub mod grpc;
 pub mod hpack;
+mod status;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -21,6 +22,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
 
 /// How long a new client has to send the HTTP/2 connection preface.
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,14 +78,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> anyhow::Result<()> {
-    serve_with(listener, runtime, Arc::new(ForwardAll), shutdown, drain).await
+    let metrics = Arc::new(Metrics::disabled());
+    serve_with(
+        listener,
+        runtime,
+        Arc::new(ForwardAll),
+        metrics,
+        shutdown,
+        drain,
+    )
+    .await
 }
 
-/// [`serve`] with an interceptor.
+/// [`serve`] with an interceptor, recording into `metrics`.
 pub async fn serve_with(
     listener: UnixListener,
     runtime: PathBuf,
     interceptor: Arc<dyn Interceptor>,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> anyhow::Result<()> {
@@ -96,7 +109,13 @@ pub async fn serve_with(
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    conns.spawn(connection(stream, runtime.clone(), interceptor.clone(), drain_rx.clone()));
+                    conns.spawn(connection(
+                        stream,
+                        runtime.clone(),
+                        interceptor.clone(),
+                        metrics.clone(),
+                        drain_rx.clone(),
+                    ));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather
@@ -128,6 +147,7 @@ async fn connection(
     mut client: UnixStream,
     runtime: Arc<PathBuf>,
     interceptor: Arc<dyn Interceptor>,
+    metrics: Arc<Metrics>,
     drain: watch::Receiver<bool>,
 ) {
     let mut buf = BytesMut::with_capacity(4096);
@@ -156,10 +176,14 @@ async fn connection(
             ))
         });
     match upstream {
-        Ok(upstream) => conn::relay(client, upstream, buf, interceptor, drain).await,
+        Ok(upstream) => {
+            metrics.runtime_reachable();
+            conn::relay(client, upstream, buf, interceptor, metrics, drain).await
+        }
         Err(e) => {
             debug!(error = %e, "runtime unreachable; answering this connection's calls with UNAVAILABLE");
-            degraded::serve(client, buf, &runtime, e, drain).await
+            metrics.runtime_unreachable();
+            degraded::serve(client, buf, &runtime, e, &metrics, drain).await
         }
     }
 }
