@@ -324,7 +324,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 /// `sidecar-shim status --output json` against the shim's admin socket:
 /// (exit code, the report's `store`).
 async fn store_status(shim: &ShimProcess) -> Result<(Option<i32>, serde_json::Value)> {
-    let admin = shim.listen().with_file_name("admin.sock");
+    let admin = shim.admin_socket();
     let out = tokio::process::Command::new(ShimProcess::binary())
         .args(["status", "--output", "json", "--admin"])
         .arg(&admin)

@@ -963,8 +963,12 @@ impl Drop for HeldGuard {
 fn unreachable(e: &tonic::Status) -> bool {
     match e.code() {
         tonic::Code::Unavailable => true,
-        // tonic's answer when the connection broke under the call.
-        tonic::Code::Unknown => e.message().contains("transport error"),
+        // tonic's answer when the connection broke under the call, and
+        // containerd's while its CRI plugin is still starting up.
+        tonic::Code::Unknown => {
+            e.message().contains("transport error")
+                || e.message().contains("server is not initialized yet")
+        }
         _ => false,
     }
 }

@@ -1095,6 +1095,7 @@ pub struct ShimProcess {
     child: Option<tokio::process::Child>,
     pid: u32,
     listen: PathBuf,
+    admin: PathBuf,
     log_path: PathBuf,
 }
 
@@ -1144,6 +1145,17 @@ impl ShimProcess {
         if !extra_args.contains(&"--state-dir") {
             cmd.arg("--state-dir").arg(Self::default_state_dir(listen));
         }
+        // Its own admin socket, so that shims sharing a directory do not
+        // take each other's (the binary's default is admin.sock next to
+        // the CRI socket).
+        let admin = match extra_args.iter().position(|a| *a == "--admin-listen") {
+            Some(i) => PathBuf::from(extra_args.get(i + 1).copied().unwrap_or_default()),
+            None => {
+                let admin = listen.with_extension("admin.sock");
+                cmd.arg("--admin-listen").arg(&admin);
+                admin
+            }
+        };
         cmd.args(extra_args)
             .envs(env.iter().copied())
             .env("RUST_LOG", rust_log)
@@ -1159,6 +1171,7 @@ impl ShimProcess {
             child: Some(child),
             pid,
             listen: listen.to_path_buf(),
+            admin,
             log_path,
         };
         shim.wait_accepting(SHIM_START_TIMEOUT).await?;
@@ -1213,10 +1226,10 @@ impl ShimProcess {
         &self.log_path
     }
 
-    /// The admin socket of a shim started without `--admin-listen`:
-    /// `admin.sock` next to its CRI socket.
+    /// The shim's admin socket: `--admin-listen` if the test gave one,
+    /// else `<listen without extension>.admin.sock`.
     pub fn admin_socket(&self) -> PathBuf {
-        self.listen.with_file_name("admin.sock")
+        self.admin.clone()
     }
 
     /// Everything the shim logged so far.
