@@ -131,7 +131,24 @@ k delete pod e2e-shutdown --wait=true --timeout=120s
 log=$(on_node cat /var/tmp/sidecar-shim-e2e/sidecar.log) || fail "no sidecar log on the node"
 grep -q "url:/final-message" <<<"$log" || fail "sidecar never got the final message; its log: $log"
 
+step "(d) sidecar-shim status on the node; the shim restarts and keeps its pods"
+on_node sidecar-shim status || fail "sidecar-shim status: unhealthy or unreachable"
+on_node systemctl restart sidecar-shim.service
+on_node systemctl is-active --quiet sidecar-shim.service ||
+    fail "sidecar-shim.service is not active after a restart"
+status_json=""
+for _ in $(seq 30); do
+    if status_json=$(on_node sidecar-shim status --output json 2>/dev/null); then
+        break
+    fi
+    sleep 1
+done
+grep -q "$pod" <<<"$status_json" ||
+    fail "the restarted shim does not list $pod: $status_json"
+restarts=$(k get pod "$pod" -o jsonpath='{.status.containerStatuses[?(@.name=="app")].restartCount}')
+[[ $restarts == 0 ]] || fail "app restarted $restarts times after the shim's restart"
+
 step "clean up workloads"
 k delete -f "$manifests/app-first.yaml" -f "$manifests/job.yaml" --wait=true --timeout=120s
 
-echo "e2e: 3 passed, 0 failed" >&2
+echo "e2e: 4 passed, 0 failed" >&2
