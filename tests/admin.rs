@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
-use k8s_cri::v1::{ContainerState, ContainerStatus, ContainerStatusRequest, VersionRequest};
+use k8s_cri::v1::{ContainerState, ContainerStatus, VersionRequest};
 use serde_json::Value;
 use support::kubelet::*;
 use support::*;
@@ -133,16 +133,7 @@ impl Env {
 
     /// containerd's own status of a container.
     async fn truth(&self, id: &str) -> Result<ContainerStatus> {
-        let (mut rt, _) = self.containerd.cri();
-        rt.container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        })
-        .await
-        .with_context(|| format!("ContainerStatus {id}"))?
-        .into_inner()
-        .status
-        .context("ContainerStatus without status")
+        self.containerd.container_status(id).await
     }
 
     async fn wait_truth(&self, id: &str, want: ContainerState) -> Result<ContainerStatus> {

@@ -133,16 +133,7 @@ impl Env {
 
     /// containerd's own view of a container (never through the shim).
     async fn truth(&self, id: &str) -> Result<ContainerStatus> {
-        let (mut rt, _) = self.containerd.cri();
-        rt.container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        })
-        .await
-        .with_context(|| format!("ContainerStatus {id} from containerd"))?
-        .into_inner()
-        .status
-        .context("no status")
+        self.containerd.container_status(id).await
     }
 
     /// containerd's view of every attempt of the pod's containers.

@@ -562,16 +562,7 @@ impl Env {
     }
 
     async fn truth(&self, id: &str) -> Result<ContainerStatus> {
-        let (mut rt, _) = self.containerd.cri();
-        rt.container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        })
-        .await
-        .with_context(|| format!("ContainerStatus {id} from containerd"))?
-        .into_inner()
-        .status
-        .context("ContainerStatus without status")
+        self.containerd.container_status(id).await
     }
 
     async fn scrape(&self) -> Result<Scrape> {

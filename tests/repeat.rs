@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context as _, Result};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerState, ContainerStatus, ContainerStatusRequest,
-    CreateContainerRequest, ListContainersRequest, ListPodSandboxRequest, Mount, PodSandboxConfig,
-    RemovePodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerState, ContainerStatus, CreateContainerRequest,
+    ListContainersRequest, ListPodSandboxRequest, Mount, PodSandboxConfig, RemovePodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use support::kubelet::parse_uptime;
 use support::*;
@@ -51,17 +51,7 @@ impl Env {
     }
 
     async fn truth(&self, id: &str) -> Result<ContainerStatus> {
-        self.containerd
-            .cri()
-            .0
-            .container_status(ContainerStatusRequest {
-                container_id: id.to_string(),
-                verbose: false,
-            })
-            .await?
-            .into_inner()
-            .status
-            .context("no status")
+        self.containerd.container_status(id).await
     }
 
     /// A pod with sidecar `proxy` (ready when its port opens).

@@ -1275,6 +1275,25 @@ impl Machine {
         }
     }
 
+    /// The shim's own stop of a container, noted.
+    fn send_stop(
+        &mut self,
+        out: &mut Vec<Action>,
+        container: &str,
+        timeout: Duration,
+        what: &'static str,
+        detail: String,
+    ) {
+        if let Some(c) = self.containers.get_mut(container) {
+            c.stop_sent = true;
+        }
+        out.push(Action::Stop {
+            container: container.to_string(),
+            timeout,
+        });
+        self.note(out, container, what, detail);
+    }
+
     fn warn(&self, out: &mut Vec<Action>, container: &str, what: &'static str, detail: String) {
         self.note(out, container, what, detail);
         if let Some(Action::Log(n)) = out.pop() {
@@ -1763,16 +1782,10 @@ impl Machine {
                 .timeout
                 .saturating_sub(now - r.arrived)
                 .max(self.settings.min_stop_grace);
-            if let Some(c) = self.containers.get_mut(&id) {
-                c.stop_sent = true;
-            }
-            out.push(Action::Stop {
-                container: id.clone(),
-                timeout: left,
-            });
-            self.note(
+            self.send_stop(
                 out,
                 &id,
+                left,
                 "sidecar stop resumed",
                 format!("kubelet's stop from before a restart; grace left {left:?}"),
             );
@@ -1793,16 +1806,10 @@ impl Machine {
         let job_done = pod.job_done;
         if teardown && !normals_done {
             for id in normals_to_stop {
-                if let Some(c) = self.containers.get_mut(&id) {
-                    c.stop_sent = true;
-                }
-                out.push(Action::Stop {
-                    container: id.clone(),
-                    timeout: grace,
-                });
-                self.note(
+                self.send_stop(
                     out,
                     &id,
+                    grace,
                     "teardown: stopping normal container",
                     String::new(),
                 );
@@ -1817,27 +1824,13 @@ impl Machine {
                     .any(|h| matches!(h, Held::Stop { container, .. } if *container == id));
                 let c = self.containers.get_mut(&id).expect("latest");
                 if !c.stop_sent && !holds_kubelet_stop {
-                    c.stop_sent = true;
                     c.stopped_by_shim = job_done;
-                    let timeout = if job_done {
-                        grace
+                    let (timeout, what) = if job_done {
+                        (grace, "job complete: stopping sidecar")
                     } else {
-                        self.settings.min_stop_grace.max(Duration::from_secs(0))
+                        (self.settings.min_stop_grace, "teardown: stopping sidecar")
                     };
-                    out.push(Action::Stop {
-                        container: id.clone(),
-                        timeout,
-                    });
-                    self.note(
-                        out,
-                        &id,
-                        if job_done {
-                            "job complete: stopping sidecar"
-                        } else {
-                            "teardown: stopping sidecar"
-                        },
-                        String::new(),
-                    );
+                    self.send_stop(out, &id, timeout, what, String::new());
                 }
             }
         }

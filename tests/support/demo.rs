@@ -21,7 +21,7 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
-use k8s_cri::v1::{ContainerState, ContainerStatus, ContainerStatusRequest};
+use k8s_cri::v1::{ContainerState, ContainerStatus};
 
 use super::kubelet::{
     unix_nanos_at, ContainerDef, Event, Kubelet, KubeletConfig, Phase, PodDef, PodHandle,
@@ -273,16 +273,7 @@ impl Stage {
 
     /// containerd's own status of a container, bypassing the shim.
     async fn truth(&self, id: &str) -> Result<ContainerStatus> {
-        let (mut rt, _) = self.containerd.cri();
-        rt.container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        })
-        .await
-        .with_context(|| format!("ContainerStatus {id} from containerd"))?
-        .into_inner()
-        .status
-        .context("ContainerStatus without status")
+        self.containerd.container_status(id).await
     }
 }
 

@@ -462,6 +462,21 @@ impl PrivateContainerd {
         self.wait_ready(CONTAINERD_START_TIMEOUT).await
     }
 
+    /// containerd's own status of a container (never through a shim): the
+    /// source of truth the tests judge the shim by.
+    pub async fn container_status(&self, id: &str) -> Result<k8s_cri::v1::ContainerStatus> {
+        let (mut rt, _) = self.cri();
+        rt.container_status(ContainerStatusRequest {
+            container_id: id.to_string(),
+            verbose: false,
+        })
+        .await
+        .with_context(|| format!("ContainerStatus {id} from containerd"))?
+        .into_inner()
+        .status
+        .context("ContainerStatus without status")
+    }
+
     /// Stop and remove every pod sandbox (which stops and removes their
     /// containers too).
     pub async fn remove_all_pods(&self) -> Result<()> {
