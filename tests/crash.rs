@@ -8,7 +8,9 @@
 //!   does: a new attempt after a failed start, killPod again after a failed
 //!   kill), or
 //! * kills containerd with SIGKILL and starts it again while the shim waits
-//!   at that step, then lets the shim go on.
+//!   at that step, then lets the shim go on, or
+//! * kills both, starts the shim while containerd is still down, then
+//!   containerd.
 //!
 //! The step boundaries are the shim's failpoints (`src/failpoint.rs`):
 //! `after:<event>:<container>` freezes the shim once the machine has
@@ -56,6 +58,9 @@ enum Fault {
     /// kill -9 containerd while the shim waits at the point, start it again,
     /// let the shim go on.
     RestartContainerd,
+    /// kill -9 both at the point; the new shim starts while containerd is
+    /// still down (it must reconcile once containerd is back).
+    KillBoth,
 }
 
 /// containerd, the shim (armed with one failpoint), a kubelet simulator and
@@ -125,6 +130,15 @@ impl Env {
                 self.containerd.kill()?;
                 self.containerd.restart().await?;
                 std::fs::write(self.points.join(format!("{point}.release")), "")?;
+            }
+            Fault::KillBoth => {
+                let mut old = self.shim.take().expect("a shim runs");
+                old.kill9().await?;
+                drop(old);
+                self.containerd.kill()?;
+                let shim = ShimProcess::start(&self.listen, self.containerd.socket(), &[]).await?;
+                self.shim = Some(shim);
+                self.containerd.restart().await?;
             }
         }
         eprintln!("{fault:?} at {point}");
@@ -581,6 +595,7 @@ crash_tests! {
     app_first_shim_killed_with_the_deferred_start_in_flight: AppFirst, Some("before:started:app"), KillShim;
     app_first_containerd_restarted_with_the_start_deferred: AppFirst, Some("after:start:app"), RestartContainerd;
     app_first_containerd_restarted_when_the_sidecar_became_ready: AppFirst, Some("after:ready:proxy"), RestartContainerd;
+    app_first_both_killed_when_the_sidecar_became_ready: AppFirst, Some("after:ready:proxy"), KillBoth;
 
     sidecar_first_without_a_fault: SidecarFirst, NONE, KillShim;
     sidecar_first_shim_killed_with_the_start_held: SidecarFirst, Some("after:start:app"), KillShim;
@@ -592,6 +607,7 @@ crash_tests! {
     job_shim_killed_with_the_sidecar_stop_sent: JobCompletion, Some("before:exited:proxy"), KillShim;
     job_shim_killed_after_the_sidecar_exited: JobCompletion, Some("after:exited:proxy"), KillShim;
     job_containerd_restarted_when_main_exited: JobCompletion, Some("after:exited:main"), RestartContainerd;
+    job_both_killed_when_main_exited: JobCompletion, Some("after:exited:main"), KillBoth;
 
     shutdown_without_a_fault: Shutdown, NONE, KillShim;
     shutdown_shim_killed_with_the_sidecar_stop_held: Shutdown, Some("after:stop:proxy"), KillShim;

@@ -340,14 +340,7 @@ impl Inner {
             let mut m = lock(&self.machine);
             let actions = m.handle(Instant::now(), event);
             self.persist(&mut m);
-            // Pods whose annotations were rejected keep RemovePodSandbox
-            // coming by, so that their entry is forgotten with them.
-            let rejected = !lock(&self.rejected).is_empty();
-            self.managed.store(
-                m.held_calls() > 0 || m.knows_any() || rejected,
-                Ordering::Relaxed,
-            );
-            self.rewrites.store(m.rewrites_active(), Ordering::Relaxed);
+            self.refresh_flags(&m);
             actions
         };
         if let Some(p) = &point {
@@ -355,6 +348,18 @@ impl Inner {
         }
         self.execute(actions);
         self.wake.notify_one();
+    }
+
+    /// Which methods the lifecycle must see, after the machine changed.
+    fn refresh_flags(&self, m: &Machine) {
+        // Pods whose annotations were rejected keep RemovePodSandbox coming
+        // by, so that their entry is forgotten with them.
+        let rejected = !lock(&self.rejected).is_empty();
+        self.managed.store(
+            m.held_calls() > 0 || m.knows_any() || rejected,
+            Ordering::Relaxed,
+        );
+        self.rewrites.store(m.rewrites_active(), Ordering::Relaxed);
     }
 
     /// `<event>:<container name>`, the name of a failpoint.
@@ -437,6 +442,7 @@ impl Inner {
         }
         // Nothing changed yet: the records are what is on disk.
         m.take_touched();
+        self.refresh_flags(&m);
         info!(dir = %store.dir().display(), restored, dropped, "state directory read");
     }
 
@@ -986,7 +992,7 @@ async fn start_up(me: Arc<Inner>) {
                 if attempts == 1 {
                     warn!(error = %e, "cannot list the runtime to reconcile with; trying again until it answers");
                 }
-                if attempts == 1 || started.elapsed() >= RECONCILE_WAIT {
+                if started.elapsed() >= RECONCILE_WAIT {
                     // Calls stop waiting for it; the state as recorded holds.
                     me.reconciled.store(true, Ordering::Release);
                     me.reconciled_notify.notify_waiters();
@@ -1013,11 +1019,7 @@ impl Inner {
             let mut m = lock(&self.machine);
             let (actions, report) = m.reconcile(Instant::now(), runtime);
             self.persist(&mut m);
-            self.managed.store(
-                m.held_calls() > 0 || m.knows_any() || !lock(&self.rejected).is_empty(),
-                Ordering::Relaxed,
-            );
-            self.rewrites.store(m.rewrites_active(), Ordering::Relaxed);
+            self.refresh_flags(&m);
             (actions, report)
         };
         for pod in &report.vanished {
