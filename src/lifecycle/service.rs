@@ -418,6 +418,10 @@ impl Inner {
         }
         // Nothing changed yet: the records are what is on disk.
         m.take_touched();
+        // The restored pods' calls are the lifecycle's from the first one
+        // on (they wait for the reconcile), not only once it is done.
+        self.managed.store(m.knows_any(), Ordering::Relaxed);
+        self.rewrites.store(m.rewrites_active(), Ordering::Relaxed);
         info!(dir = %store.dir().display(), restored, dropped, "state directory read");
     }
 
