@@ -206,10 +206,10 @@ async fn churn_500_job_pods_leaves_nothing_and_memory_flat() -> Result<()> {
             baseline = Some(memory(shim.pid())?);
         }
         if done % 100 == 0 {
-            let avg = |d: Duration| d / done as u32;
+            let avg = |d: Duration| (d / done as u32).as_millis();
             eprintln!(
-                "{done} pods done after {:.1?}; per pod on average: sandbox {:.0?}, \
-                 containers started {:.0?}, until the proxy's exit {:.0?}, stop and remove {:.0?}",
+                "{done} pods done after {:.1?}; per pod on average: sandbox {} ms, \
+                 containers started {} ms, until the proxy's exit {} ms, stop and remove {} ms",
                 started.elapsed(),
                 avg(phases[0]),
                 avg(phases[1]),
