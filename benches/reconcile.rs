@@ -228,7 +228,19 @@ struct Round {
     from_start_ms: f64,
     /// Spawn → the first intercepted call answered (at the client).
     first_call_ms: f64,
+    /// The new shim's VmRSS once it answered, KiB.
+    rss_kib: u64,
     report: String,
+}
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
 }
 
 fn ms_between(from: SystemTime, to: SystemTime) -> f64 {
@@ -311,7 +323,9 @@ async fn round(
         .map(|k| format!("{k}={}", field(line, k).unwrap_or("?")))
         .collect::<Vec<_>>()
         .join(" ");
+    let rss_kib = rss_kib(shim.as_ref().context("no shim")?.pid())?;
     Ok(Round {
+        rss_kib,
         took_ms,
         reconciled_ms: ms_between(spawned_at, reconciled_at),
         from_start_ms: ms_between(first_line, reconciled_at),
@@ -440,8 +454,8 @@ async fn run(pods: usize, rounds: usize, parallel: usize) -> Result<()> {
         let m = round(&mut shim, &listen, &containerd, &probe_app).await?;
         println!(
             "round {r}: took_ms {:>4}; spawn -> reconciled {:>6.1} ms (first log line -> reconciled {:>6.1} ms); \
-             spawn -> first intercepted call answered {:>6.1} ms; {}",
-            m.took_ms, m.reconciled_ms, m.from_start_ms, m.first_call_ms, m.report
+             spawn -> first intercepted call answered {:>6.1} ms; {}; VmRSS {} KiB",
+            m.took_ms, m.reconciled_ms, m.from_start_ms, m.first_call_ms, m.report, m.rss_kib
         );
         took.push(m.took_ms as f64);
         reconciled.push(m.reconciled_ms);
