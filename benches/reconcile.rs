@@ -17,10 +17,11 @@
 //! new one on the same socket and state directory, and measure from the
 //! spawn to the `reconciled with the runtime` log line (its `took_ms`; the
 //! wall time by the line's timestamp, from the spawn and from the new shim's
-//! first log line), and to the answer of the first intercepted call: a ContainerStatus of the newest deferred app,
-//! sent over a fresh connection as soon as the socket accepts, which must read
-//! RUNNING while containerd (asked directly) says CREATED. Prints each round,
-//! the medians and maxima, and the state directory's size.
+//! first log line), and to the answer of the first intercepted call: a
+//! ContainerStatus of the newest deferred app, sent over a fresh connection
+//! as soon as the socket accepts, which must read RUNNING while containerd
+//! (asked directly) says CREATED. Prints each round (with the new shim's
+//! VmRSS), the medians and maxima, and the state directory's size.
 //!
 //! Rounds must end within the deferred pods' ready-timeout (110 s after the
 //! first of them was created); the pods are then removed. The private
