@@ -933,6 +933,45 @@ pub fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
     }
 }
 
+/// The ContainerConfig kubelet sends for the first attempt of container
+/// `name` in the pod `pod` (for tests that make CRI calls themselves
+/// instead of running the kubelet simulator): [`container_config`] with
+/// kubelet's pod labels and the annotations the shim reads (restart count,
+/// the pod's termination grace period in seconds).
+pub fn kubelet_container_config(
+    pod: &PodSandboxConfig,
+    name: &str,
+    command: Vec<String>,
+    grace_secs: u64,
+) -> ContainerConfig {
+    let mut config = container_config(name, &[]);
+    config.command = command;
+    for key in [
+        "io.kubernetes.pod.name",
+        "io.kubernetes.pod.namespace",
+        "io.kubernetes.pod.uid",
+    ] {
+        if let Some(v) = pod.labels.get(key) {
+            config.labels.insert(key.to_string(), v.clone());
+        }
+    }
+    config.annotations = HashMap::from([
+        (
+            "io.kubernetes.container.restartCount".to_string(),
+            "0".to_string(),
+        ),
+        (
+            "io.kubernetes.container.terminationMessagePath".to_string(),
+            "/dev/termination-log".to_string(),
+        ),
+        (
+            "io.kubernetes.pod.terminationGracePeriod".to_string(),
+            grace_secs.to_string(),
+        ),
+    ]);
+    config
+}
+
 /// `sh -c SCRIPT` as a container command.
 pub fn sh(script: &str) -> Vec<String> {
     vec!["sh".into(), "-c".into(), script.into()]
