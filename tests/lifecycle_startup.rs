@@ -1206,8 +1206,10 @@ async fn j_deferred_start_times_out_as_sidecar_not_ready_then_a_retry_goes_throu
         .run_pod(unready_pod("unready-deferred", &dir, &["app", "proxy"]))
         .await?;
     let first = wait_call_done(&pod, "StartContainer", "app").await?;
+    // Answered, not held: well before the 5 s ready-timeout (on a loaded
+    // machine the answer can take a while; a held start would take 5 s).
     ensure!(
-        first.ok() && first.duration() < Some(Duration::from_secs(2)),
+        first.ok() && first.duration() < Some(Duration::from_secs(4)),
         "{}",
         env.diag(&pod)
     );
