@@ -40,9 +40,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context as _, Result};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerState, ContainerStatus, ContainerStatusRequest, CreateContainerRequest,
-    RemovePodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    ContainerState, CreateContainerRequest, RemovePodSandboxRequest, StartContainerRequest,
+    StopPodSandboxRequest,
 };
+use support::state_of as state;
 use support::*;
 use tonic::transport::Channel;
 
@@ -68,23 +69,6 @@ struct Pod {
     kind: Kind,
     sandbox: String,
     app: String,
-}
-
-async fn status(rt: &RuntimeServiceClient<Channel>, id: &str) -> Result<ContainerStatus> {
-    rt.clone()
-        .container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        })
-        .await
-        .with_context(|| format!("ContainerStatus {id}"))?
-        .into_inner()
-        .status
-        .context("ContainerStatus without status")
-}
-
-fn state(s: &ContainerStatus) -> ContainerState {
-    ContainerState::try_from(s.state).unwrap_or(ContainerState::ContainerUnknown)
 }
 
 async fn create(
@@ -162,7 +146,7 @@ async fn make_pod(
             wait_for(TIMEOUT, "the shim to stop a done pod's proxy", || {
                 let (direct, proxy_id) = (direct.clone(), proxy_id.clone());
                 async move {
-                    status(&direct, &proxy_id)
+                    container_status(&direct, &proxy_id)
                         .await
                         .is_ok_and(|s| state(&s) == ContainerState::ContainerExited)
                 }
@@ -275,7 +259,7 @@ async fn round(
             let deadline = Instant::now() + TIMEOUT;
             loop {
                 let (rt, _) = cri_client(&listen);
-                if let Ok(s) = status(&rt, &app).await {
+                if let Ok(s) = container_status(&rt, &app).await {
                     return Ok::<_, anyhow::Error>((spawned.elapsed(), s));
                 }
                 if Instant::now() > deadline {
@@ -306,7 +290,7 @@ async fn round(
         .context("no timestamped line")?;
     let reconciled_at = log_time(line).with_context(|| format!("no time in {line:?}"))?;
     let (first, seen) = first_call.await??;
-    let truth = status(&direct, probe_app).await?;
+    let truth = container_status(&direct, probe_app).await?;
     ensure!(
         state(&seen) == ContainerState::ContainerRunning
             && state(&truth) == ContainerState::ContainerCreated,

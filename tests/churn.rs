@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context as _, Result};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerState, ContainerStatus, ContainerStatusRequest, ListContainersRequest,
-    ListPodSandboxRequest, RemovePodSandboxRequest, StopPodSandboxRequest, VersionRequest,
+    ContainerState, ListContainersRequest, ListPodSandboxRequest, RemovePodSandboxRequest,
+    StopPodSandboxRequest, VersionRequest,
 };
+use support::state_of as state;
 use support::*;
 use tonic::transport::Channel;
 
@@ -68,23 +69,6 @@ fn memory(pid: u32) -> Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-async fn status(rt: &RuntimeServiceClient<Channel>, id: &str) -> Result<ContainerStatus> {
-    rt.clone()
-        .container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        })
-        .await
-        .with_context(|| format!("ContainerStatus {id}"))?
-        .into_inner()
-        .status
-        .context("ContainerStatus without status")
-}
-
-fn state(s: &ContainerStatus) -> ContainerState {
-    ContainerState::try_from(s.state).unwrap_or(ContainerState::ContainerUnknown)
-}
-
 /// One pod's whole lifecycle through the shim (`shim`), checked against
 /// containerd (`direct`).
 async fn one_pod(
@@ -118,13 +102,13 @@ async fn one_pod(
         let direct = direct.clone();
         let proxy = proxy.clone();
         async move {
-            let s = status(&direct, &proxy).await?;
+            let s = container_status(&direct, &proxy).await?;
             Ok((state(&s) == ContainerState::ContainerExited).then_some(s))
         }
     })
     .await?;
     let t3 = Instant::now();
-    let main_exit = status(&direct, &main).await?;
+    let main_exit = container_status(&direct, &main).await?;
     ensure!(
         state(&main_exit) == ContainerState::ContainerExited && main_exit.exit_code == 0,
         "main: {:?} exit {}, want exited 0",
@@ -142,7 +126,9 @@ async fn one_pod(
         "the proxy exited before main"
     );
     if i % CHECK_THROUGH_SHIM_EVERY == 0 {
-        let seen = status(&shim, &proxy).await.context("through the shim")?;
+        let seen = container_status(&shim, &proxy)
+            .await
+            .context("through the shim")?;
         ensure!(
             state(&seen) == ContainerState::ContainerExited && seen.exit_code == 0,
             "kubelet reads the stopped proxy as {:?} exit {} ({}), want exited 0",

@@ -37,6 +37,7 @@ use k8s_cri::v1::{
     ContainerFilter, ContainerState, ContainerStatus, ContainerStatusRequest, ListContainersRequest,
 };
 use support::kubelet::*;
+use support::state_of as state;
 use support::*;
 
 /// Generous: a loaded 2-core machine runs several of these at once.
@@ -216,10 +217,6 @@ impl Env {
         }
         s
     }
-}
-
-fn state(c: &ContainerStatus) -> ContainerState {
-    ContainerState::try_from(c.state).unwrap_or(ContainerState::ContainerUnknown)
 }
 
 /// A CRI timestamp as `/proc/uptime` seconds.

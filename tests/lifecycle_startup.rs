@@ -42,6 +42,7 @@ use k8s_cri::v1::{
     StartContainerResponse, StopContainerRequest, StopContainerResponse,
 };
 use support::kubelet::*;
+use support::state_of as state;
 use support::*;
 use tonic::transport::Channel;
 
@@ -120,7 +121,7 @@ impl Env {
 
     /// containerd's own status of a container.
     async fn truth(&self, id: &str) -> Result<ContainerStatus> {
-        status_of(&mut self.direct(), id).await
+        container_status(&self.direct(), id).await
     }
 
     /// The shim's log without the per-call debug lines: its decisions,
@@ -142,22 +143,6 @@ impl Env {
             self.decisions()
         )
     }
-}
-
-async fn status_of(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> Result<ContainerStatus> {
-    rt.container_status(ContainerStatusRequest {
-        container_id: id.to_string(),
-        verbose: false,
-    })
-    .await
-    .with_context(|| format!("ContainerStatus {id}"))?
-    .into_inner()
-    .status
-    .context("ContainerStatus without status")
-}
-
-fn state(s: &ContainerStatus) -> ContainerState {
-    ContainerState::try_from(s.state).unwrap_or(ContainerState::ContainerUnknown)
 }
 
 /// A CRI timestamp (wall-clock nanoseconds) as `/proc/uptime` seconds.
@@ -320,7 +305,7 @@ async fn a_app_listed_first_is_deferred_until_the_sidecar_port_opens() -> Result
     // says RUNNING, and an exec fails at once.
     let mut shim = env.via_shim();
     let before = env.truth(&app_id).await?;
-    let status = status_of(&mut shim, &app_id).await?;
+    let status = container_status(&shim, &app_id).await?;
     let all = shim
         .list_containers(list_filter(None, pod.uid()))
         .await?
@@ -715,7 +700,7 @@ async fn g_malformed_annotation_runs_the_pod_untouched_with_one_warning() -> Res
     // kubelet reads exactly what containerd says.
     let mut shim = env.via_shim();
     for id in [app_id.clone(), pod.container_ids("proxy")[0].clone()] {
-        assert_eq!(status_of(&mut shim, &id).await?, env.truth(&id).await?);
+        assert_eq!(container_status(&shim, &id).await?, env.truth(&id).await?);
     }
     let exec = exec_sync(&mut shim, &app_id, &["echo", "hi"], 10).await?;
     assert_eq!((exec.exit_code, exec.stdout.as_str()), (0, "hi\n"));
@@ -1147,7 +1132,7 @@ async fn j_held_start_is_refused_naming_the_sidecar_then_a_retry_goes_through() 
         "held {took:?} for a ready-timeout of 5 s"
     );
     let id0 = pod.container_ids("app")[0].clone();
-    let seen = status_of(&mut env.via_shim(), &id0).await?;
+    let seen = container_status(&env.via_shim(), &id0).await?;
     assert_eq!(
         (state(&seen), seen.exit_code, seen.reason.as_str()),
         (ContainerState::ContainerExited, 128, "SidecarNotReady"),
@@ -1220,7 +1205,7 @@ async fn j_deferred_start_times_out_as_sidecar_not_ready_then_a_retry_goes_throu
     let mut last_running = answered;
     let deadline = Instant::now() + TIMEOUT;
     let seen = loop {
-        let s = status_of(&mut shim, &id0).await?;
+        let s = container_status(&shim, &id0).await?;
         if state(&s) != ContainerState::ContainerRunning {
             break s;
         }
@@ -1264,7 +1249,7 @@ async fn j_deferred_start_times_out_as_sidecar_not_ready_then_a_retry_goes_throu
     // Its times stay put: kubelet measures its crash-loop backoff from
     // finished_at.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let again = status_of(&mut shim, &id0).await?;
+    let again = container_status(&shim, &id0).await?;
     ensure!(
         (again.started_at, again.finished_at) == (seen.started_at, seen.finished_at)
             && seen.finished_at >= seen.started_at

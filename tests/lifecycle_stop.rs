@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _, Result};
 use k8s_cri::v1::{ContainerState, ContainerStatus, ContainerStatusRequest};
 use support::kubelet::*;
+use support::state_of as state;
 use support::*;
 
 /// Generous: a loaded 2-core machine runs several tests at once.
@@ -219,10 +220,6 @@ fn fast_backoff() -> KubeletConfig {
         initial_backoff: Duration::from_secs(1),
         ..Default::default()
     }
-}
-
-fn state(c: &ContainerStatus) -> ContainerState {
-    ContainerState::try_from(c.state).unwrap_or(ContainerState::ContainerUnknown)
 }
 
 /// Seconds since boot now (CLOCK_BOOTTIME: the clock /proc/uptime shows,

@@ -29,6 +29,7 @@ use k8s_cri::v1::{
     StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use support::kubelet::*;
+use support::state_of as state;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -608,10 +609,6 @@ impl Env {
         .await
         .with_context(|| format!("{}\n{}", pod.summary(), self.decisions()))
     }
-}
-
-fn state(s: &ContainerStatus) -> ContainerState {
-    ContainerState::try_from(s.state).unwrap_or(ContainerState::ContainerUnknown)
 }
 
 /// A CRI timestamp (wall-clock nanoseconds) as `/proc/uptime` seconds.

@@ -26,11 +26,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{ContainerState, ContainerStatus, ContainerStatusRequest};
+use k8s_cri::v1::{ContainerState, ContainerStatus};
 use support::kubelet::*;
+use support::state_of as state;
 use support::*;
-use tonic::transport::Channel;
 
 /// Generous: a loaded 2-core machine runs several tests at once.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -98,22 +97,6 @@ fn shared_dir(containerd: &PrivateContainerd, name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-async fn status_of(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> Result<ContainerStatus> {
-    rt.container_status(ContainerStatusRequest {
-        container_id: id.to_string(),
-        verbose: false,
-    })
-    .await
-    .with_context(|| format!("ContainerStatus {id}"))?
-    .into_inner()
-    .status
-    .context("ContainerStatus without status")
-}
-
-fn state(s: &ContainerStatus) -> ContainerState {
-    ContainerState::try_from(s.state).unwrap_or(ContainerState::ContainerUnknown)
-}
-
 /// A CRI timestamp (wall-clock nanoseconds) as `/proc/uptime` seconds.
 fn uptime_of_nanos(nanos: i64) -> f64 {
     let now = Instant::now();
@@ -150,7 +133,7 @@ async fn wait_really_running(
         &format!("containerd to run {name}"),
         || async move {
             for id in pod.container_ids(name) {
-                let s = status_of(&mut containerd.cri().0, &id).await?;
+                let s = container_status(&containerd.cri().0, &id).await?;
                 if state(&s) == ContainerState::ContainerRunning {
                     return Ok(Some((id, s)));
                 }
@@ -208,10 +191,10 @@ async fn delete_watching_app(containerd: &PrivateContainerd, pod: &PodHandle) ->
     let finished = Arc::new(Mutex::new(None::<i64>));
     let watch = {
         let finished = finished.clone();
-        let mut rt = containerd.cri().0;
+        let rt = containerd.cri().0;
         tokio::spawn(async move {
             loop {
-                if let Ok(s) = status_of(&mut rt, &app_id).await {
+                if let Ok(s) = container_status(&rt, &app_id).await {
                     if s.finished_at > 0 {
                         *finished.lock().unwrap() = Some(s.finished_at);
                         return;

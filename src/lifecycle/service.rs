@@ -1023,8 +1023,7 @@ impl Inner {
             (actions, report)
         };
         for pod in &report.vanished {
-            lock(&self.specs).remove(pod);
-            lock(&self.netns).remove(pod);
+            self.forget_pod(pod);
         }
         info!(
             kept = report.kept,

@@ -51,7 +51,9 @@ use k8s_cri::v1::{
 use tokio::task::{AbortHandle, JoinSet};
 use tonic::transport::Channel;
 
-use super::{container_config, cri_client, pod_sandbox_config_in, wait_for, BUSYBOX_IMAGE};
+use super::{
+    container_config, cri_client, pod_sandbox_config_in, state_of, wait_for, BUSYBOX_IMAGE,
+};
 
 // ---------------------------------------------------------------------------
 // Kubelet's label and annotation keys
@@ -830,10 +832,6 @@ impl Snapshot {
 
 fn status_name(c: &ContainerStatus) -> &str {
     c.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or("")
-}
-
-fn state_of(c: &ContainerStatus) -> ContainerState {
-    ContainerState::try_from(c.state).unwrap_or(ContainerState::ContainerUnknown)
 }
 
 /// kubelet reads the restart count from its annotation (kubelet source:

@@ -465,16 +465,9 @@ impl PrivateContainerd {
     /// containerd's own status of a container (never through a shim): the
     /// source of truth the tests judge the shim by.
     pub async fn container_status(&self, id: &str) -> Result<k8s_cri::v1::ContainerStatus> {
-        let (mut rt, _) = self.cri();
-        rt.container_status(ContainerStatusRequest {
-            container_id: id.to_string(),
-            verbose: false,
-        })
-        .await
-        .with_context(|| format!("ContainerStatus {id} from containerd"))?
-        .into_inner()
-        .status
-        .context("ContainerStatus without status")
+        container_status(&self.cri().0, id)
+            .await
+            .context("asking containerd directly")
     }
 
     /// Stop and remove every pod sandbox (which stops and removes their
@@ -1017,22 +1010,35 @@ pub async fn start_container(
     Ok(id)
 }
 
-/// The container's state.
-pub async fn container_state(
-    rt: &mut RuntimeServiceClient<Channel>,
+/// ContainerStatus of one container, as whatever `rt` talks to (the shim
+/// or containerd) answers it.
+pub async fn container_status(
+    rt: &RuntimeServiceClient<Channel>,
     container_id: &str,
-) -> Result<ContainerState> {
-    let status = rt
+) -> Result<k8s_cri::v1::ContainerStatus> {
+    rt.clone()
         .container_status(ContainerStatusRequest {
             container_id: container_id.to_string(),
             verbose: false,
         })
         .await
-        .context("ContainerStatus")?
+        .with_context(|| format!("ContainerStatus {container_id}"))?
         .into_inner()
         .status
-        .context("ContainerStatus without status")?;
-    Ok(ContainerState::try_from(status.state).unwrap_or(ContainerState::ContainerUnknown))
+        .context("ContainerStatus without status")
+}
+
+/// A status's state (UNKNOWN for a value this build does not know).
+pub fn state_of(s: &k8s_cri::v1::ContainerStatus) -> ContainerState {
+    ContainerState::try_from(s.state).unwrap_or(ContainerState::ContainerUnknown)
+}
+
+/// The container's state.
+pub async fn container_state(
+    rt: &mut RuntimeServiceClient<Channel>,
+    container_id: &str,
+) -> Result<ContainerState> {
+    Ok(state_of(&container_status(rt, container_id).await?))
 }
 
 /// Output of [`exec_sync`].

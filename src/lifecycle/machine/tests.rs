@@ -438,6 +438,51 @@ fn restart() -> impl Strategy<Value = Restart> {
 
 const NAMES: [&str; 4] = ["s0", "s1", "app", "worker"];
 
+fn is_sidecar(name: &str) -> bool {
+    name.starts_with('s')
+}
+
+fn name_of(id: &str) -> String {
+    id.split('-').next().unwrap_or("").to_string()
+}
+
+/// kubelet's killPod in the model: StopContainer (timeout 30 s) for every
+/// container that reads as running (really running, deferred, or the shim's
+/// start on its way), normal ones first (the machine must not depend on the
+/// order). Records the calls; returns the machine's actions.
+fn kill_pod(
+    w: &mut World,
+    running: &HashMap<String, bool>,
+    calls: &mut Vec<CallId>,
+    stops: &mut HashMap<CallId, (String, Instant, Duration)>,
+    wishes: &mut HashMap<String, (Instant, Duration)>,
+) -> Vec<Action> {
+    let mut ids: Vec<String> = w.all.iter().map(|(id, ..)| id.clone()).collect();
+    ids.sort_by_key(|id| is_sidecar(&name_of(id)));
+    let mut out = Vec::new();
+    for id in ids {
+        let reads_running = running.get(&id).copied().unwrap_or(false)
+            || matches!(
+                w.m.status_override(&id),
+                Some(StatusOverride::Running { .. })
+            );
+        if !reads_running {
+            continue;
+        }
+        let call = w.call();
+        calls.push(call);
+        stops.insert(call, (id.clone(), w.now, Duration::from_secs(30)));
+        wish(wishes, &id, w.now, Duration::from_secs(30));
+        out.extend(w.feed(Event::StopCalled {
+            call,
+            container: id,
+            timeout: Duration::from_secs(30),
+            deadline: None,
+        }));
+    }
+    out
+}
+
 /// kubelet asks to stop a container: the first wish's arrival and the
 /// shortest timeout stand.
 fn wish(wishes: &mut HashMap<String, (Instant, Duration)>, id: &str, now: Instant, t: Duration) {
@@ -509,8 +554,6 @@ proptest! {
         // land with the next step that lets time pass. (true: a start.)
         let mut landing: Vec<(Land, String)> = Vec::new();
 
-        let is_sidecar = |name: &str| name.starts_with('s');
-        let name_of = |id: &str| id.split('-').next().unwrap_or("").to_string();
 
         for s in steps {
             let out = match s {
@@ -564,23 +607,7 @@ proptest! {
                         running.insert(id.clone(), true);
                         out.extend(w.feed(Event::StartDone { container: id, ok: true }));
                     }
-                    let ids: Vec<String> = w.all.iter().map(|(id, ..)| id.clone()).collect();
-                    // kubelet stops every running container; normal ones first
-                    // here, the machine must not depend on the order.
-                    let mut ids = ids;
-                    ids.sort_by_key(|id| is_sidecar(&name_of(id)));
-                    for id in ids {
-                        // kubelet stops what reads as running: really
-                        // running, or deferred, or the shim's start on its way.
-                        let reads_running = running.get(&id).copied().unwrap_or(false)
-                            || matches!(w.m.status_override(&id), Some(StatusOverride::Running { .. }));
-                        if !reads_running { continue; }
-                        let call = w.call();
-                        calls.push(call);
-                        stops.insert(call, (id.clone(), w.now, Duration::from_secs(30)));
-                        wish(&mut wishes, &id, w.now, Duration::from_secs(30));
-                        out.extend(w.feed(Event::StopCalled { call, container: id, timeout: Duration::from_secs(30), deadline: None }));
-                    }
+                    out.extend(kill_pod(&mut w, &running, &mut calls, &mut stops, &mut wishes));
                     out
                 }
                 Step::StopOne(i) => {
@@ -655,19 +682,8 @@ proptest! {
                     let (mut out, _) = w.crash(view);
                     if deleting {
                         // kubelet's killPod failed with the connection: it
-                        // tries again, stopping what reads as running.
-                        let mut ids: Vec<String> = w.all.iter().map(|(id, ..)| id.clone()).collect();
-                        ids.sort_by_key(|id| is_sidecar(&name_of(id)));
-                        for id in ids {
-                            let reads_running = running.get(&id).copied().unwrap_or(false)
-                                || matches!(w.m.status_override(&id), Some(StatusOverride::Running { .. }));
-                            if !reads_running { continue; }
-                            let call = w.call();
-                            calls.push(call);
-                            stops.insert(call, (id.clone(), w.now, Duration::from_secs(30)));
-                            wish(&mut wishes, &id, w.now, Duration::from_secs(30));
-                            out.extend(w.feed(Event::StopCalled { call, container: id, timeout: Duration::from_secs(30), deadline: None }));
-                        }
+                        // tries again.
+                        out.extend(kill_pod(&mut w, &running, &mut calls, &mut stops, &mut wishes));
                     }
                     out
                 }
