@@ -630,18 +630,24 @@ async fn deferred_start_lands_after_containerd_comes_back() {
         .expect("run pod");
     let outcome = async {
         // The proxy runs (so the app's start was answered and deferred) but
-        // does not listen yet; then containerd goes away.
-        wait_for_value(TIMEOUT, "the proxy to run", || async {
+        // does not listen yet, and the shim checks it inside the pod's
+        // network namespace (it asked containerd where that is); then
+        // containerd goes away.
+        let log = env.shim().log_path().to_path_buf();
+        wait_for_value(TIMEOUT, "the shim to check the proxy", || async {
             let running =
                 state(&env.latest(&pod, "proxy").await?) == ContainerState::ContainerRunning;
-            Ok((running && recorded(&dir, "proxy.listen").is_empty()).then_some(()))
+            let checking = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("sidecar not ready yet") && !l.contains("network namespace"));
+            Ok((running && checking && recorded(&dir, "proxy.listen").is_empty()).then_some(()))
         })
         .await?;
         env.containerd.kill()?;
         // The proxy opens its port; the shim sees it ready (its check
         // connects inside the pod's network namespace, no containerd
         // needed) and its start of the app fails.
-        let log = env.shim().log_path().to_path_buf();
         wait_for(TIMEOUT, "the shim to retry the start", || {
             let log = log.clone();
             async move {

@@ -1220,31 +1220,49 @@ async fn probe_loop(me: Arc<Inner>, container: String, pod: String) {
         lock(&me.probing).remove(&key);
         return;
     };
-    let cached = lock(&me.netns).get(&pod).cloned();
-    let netns = match cached {
-        Some(n) => n,
-        None => {
-            let mut rt = me.runtime.clone();
-            let n = probe::pod_netns(&mut rt, &pod).await.unwrap_or_else(|e| {
-                warn!(pod.id = %pod, error = %e, "cannot find the pod's network namespace; checking the host's loopback");
-                None
-            });
-            lock(&me.netns).insert(pod.clone(), n.clone());
-            n
-        }
-    };
-    let target = probe::Target {
-        netns,
-        container_id: container.clone(),
-    };
+    let mut target: Option<probe::Target> = None;
     let mut last = String::new();
     loop {
         if !lock(&me.machine).needs_probe(&container) {
             break;
         }
         let mut rt = me.runtime.clone();
-        let outcome = probe::check(&check, &target, &mut rt).await;
-        me.metrics.readiness_check(&check, outcome.is_ready());
+        // The pod's network namespace, asked of the runtime once it answers:
+        // a lookup that fails (the runtime restarting, say) is tried again
+        // on the next round rather than taken for a host-network pod, whose
+        // checks would go to the host's loopback.
+        if target.is_none() {
+            let cached = lock(&me.netns).get(&pod).cloned();
+            let netns = match cached {
+                Some(n) => Some(n),
+                None => match probe::pod_netns(&mut rt, &pod).await {
+                    Ok(n) => {
+                        lock(&me.netns).insert(pod.clone(), n.clone());
+                        Some(n)
+                    }
+                    Err(e) => {
+                        let why = format!("cannot find the pod's network namespace yet: {e}");
+                        if why != last {
+                            warn!(pod.id = %pod, error = %e, "cannot find the pod's network namespace yet; trying again");
+                            last = why;
+                        }
+                        None
+                    }
+                },
+            };
+            target = netns.map(|netns| probe::Target {
+                netns,
+                container_id: container.clone(),
+            });
+        }
+        let outcome = match &target {
+            Some(target) => {
+                let outcome = probe::check(&check, target, &mut rt).await;
+                me.metrics.readiness_check(&check, outcome.is_ready());
+                outcome
+            }
+            None => probe::Outcome::NotReady(last.clone()),
+        };
         match outcome {
             probe::Outcome::Ready => {
                 me.feed(Event::Ready {
