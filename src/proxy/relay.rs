@@ -1810,3 +1810,6 @@ fn check_regular(name: &[u8], value: &[u8]) -> Result<(), &'static str> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests;
