@@ -163,14 +163,14 @@ impl Setup {
         };
         let mut c = BytesMut::new();
         settings(&mut c, &[]);
-        s.from_client(c);
+        s.client_sends(c);
         let mut r = BytesMut::new();
         settings(&mut r, &[]);
-        s.from_runtime(r);
-        let to_client = s.to_client();
+        s.runtime_sends(r);
+        let to_client = s.client_reads();
         assert!(matches!(to_client[0], F::Settings(_)), "{to_client:?}");
         assert!(to_client.contains(&F::SettingsAck), "{to_client:?}");
-        let to_runtime = s.to_runtime();
+        let to_runtime = s.runtime_reads();
         assert_eq!(to_runtime[0], F::Preface);
         assert!(
             to_runtime.contains(&F::Settings(vec![
@@ -187,22 +187,22 @@ impl Setup {
         s
     }
 
-    fn from_client(&mut self, mut bytes: BytesMut) {
+    fn client_sends(&mut self, mut bytes: BytesMut) {
         self.relay.client_input(&mut bytes);
         assert!(bytes.is_empty(), "the relay left bytes: {bytes:?}");
     }
 
-    fn from_runtime(&mut self, mut bytes: BytesMut) {
+    fn runtime_sends(&mut self, mut bytes: BytesMut) {
         self.relay.runtime_input(&mut bytes);
         assert!(bytes.is_empty(), "the relay left bytes: {bytes:?}");
     }
 
-    fn to_client(&mut self) -> Vec<F> {
+    fn client_reads(&mut self) -> Vec<F> {
         self.relay.pump();
         self.client.read(&mut self.relay.client_out)
     }
 
-    fn to_runtime(&mut self) -> Vec<F> {
+    fn runtime_reads(&mut self) -> Vec<F> {
         self.relay.pump();
         self.runtime.read(&mut self.relay.runtime_out)
     }
@@ -211,7 +211,7 @@ impl Setup {
     /// relay asked for it to run.
     fn local_call(&mut self, stream: u32) {
         let req = self.client.request(stream, LOCAL);
-        self.from_client(req);
+        self.client_sends(req);
         let actions = self.relay.actions();
         assert!(
             matches!(actions.as_slice(), [Action::Call(s, c)] if *s == stream && c.method == LOCAL),
@@ -221,8 +221,8 @@ impl Setup {
 
     fn relayed_call(&mut self, stream: u32) {
         let req = self.client.request(stream, RELAYED);
-        self.from_client(req);
-        let up = self.to_runtime();
+        self.client_sends(req);
+        let up = self.runtime_reads();
         assert!(
             matches!(&up[..], [F::Headers(s, h, false), F::Data(s2, _, true)]
                 if *s == stream && *s2 == stream && hpack::get(h, b":path") == Some(RELAYED.as_bytes())),
@@ -238,7 +238,7 @@ impl Setup {
         );
         frame::put_data(&mut r, stream, &grpc::frame_message(body), false, 16384);
         r.extend_from_slice(&self.runtime.headers(stream, &[("grpc-status", "0")], true));
-        self.from_runtime(r);
+        self.runtime_sends(r);
     }
 }
 
@@ -247,7 +247,7 @@ fn pings_are_answered_on_their_own_hop() {
     let mut s = Setup::new();
     s.local_call(1);
     s.relay.local_result(1, Ok(Bytes::from_static(b"answer")));
-    let down = s.to_client();
+    let down = s.client_reads();
     assert!(
         matches!(&down[..], [F::Headers(1, _, false), F::Data(1, _, false), F::Headers(1, t, true)] if status(t) == Some("0")),
         "{down:?}"
@@ -257,16 +257,16 @@ fn pings_are_answered_on_their_own_hop() {
     for i in 0..10u8 {
         let mut p = BytesMut::new();
         ping(&mut p, &[i; 8]);
-        s.from_client(p);
-        assert_eq!(s.to_client(), vec![F::PingAck(vec![i; 8])]);
-        assert_eq!(s.to_runtime(), vec![]);
+        s.client_sends(p);
+        assert_eq!(s.client_reads(), vec![F::PingAck(vec![i; 8])]);
+        assert_eq!(s.runtime_reads(), vec![]);
     }
     // And the runtime's pings are the proxy's to answer.
     let mut p = BytesMut::new();
     ping(&mut p, b"runtime!");
-    s.from_runtime(p);
-    assert_eq!(s.to_runtime(), vec![F::PingAck(b"runtime!".to_vec())]);
-    assert_eq!(s.to_client(), vec![]);
+    s.runtime_sends(p);
+    assert_eq!(s.runtime_reads(), vec![F::PingAck(b"runtime!".to_vec())]);
+    assert_eq!(s.client_reads(), vec![]);
 }
 
 #[test]
@@ -280,14 +280,14 @@ fn settings_stay_on_their_hop() {
             (setting::MAX_FRAME_SIZE, 1 << 20),
         ],
     );
-    s.from_client(c);
-    assert_eq!(s.to_client(), vec![F::SettingsAck]);
-    assert_eq!(s.to_runtime(), vec![]);
+    s.client_sends(c);
+    assert_eq!(s.client_reads(), vec![F::SettingsAck]);
+    assert_eq!(s.runtime_reads(), vec![]);
     let mut r = BytesMut::new();
     settings(&mut r, &[(setting::MAX_CONCURRENT_STREAMS, 100)]);
-    s.from_runtime(r);
-    assert_eq!(s.to_runtime(), vec![F::SettingsAck]);
-    assert_eq!(s.to_client(), vec![]);
+    s.runtime_sends(r);
+    assert_eq!(s.runtime_reads(), vec![F::SettingsAck]);
+    assert_eq!(s.client_reads(), vec![]);
 }
 
 #[test]
@@ -295,7 +295,7 @@ fn request_and_answer_are_relayed_with_their_headers() {
     let mut s = Setup::new();
     s.relayed_call(1);
     s.runtime_answer(1, b"version");
-    let down = s.to_client();
+    let down = s.client_reads();
     match &down[..] {
         [F::Headers(1, h, false), F::Data(1, d, false), F::Headers(1, t, true)] => {
             assert_eq!(hpack::get(h, b":status"), Some(&b"200"[..]));
@@ -319,8 +319,8 @@ fn runtime_goaway_refuses_only_what_the_runtime_did_not_take() {
     s.relayed_call(5);
     let mut g = BytesMut::new();
     goaway(&mut g, 1, reason::NO_ERROR);
-    s.from_runtime(g);
-    let down = s.to_client();
+    s.runtime_sends(g);
+    let down = s.client_reads();
     assert_eq!(
         down,
         vec![
@@ -330,17 +330,23 @@ fn runtime_goaway_refuses_only_what_the_runtime_did_not_take() {
     );
     // Stream 1 is answered by the runtime, stream 3 by the proxy.
     s.runtime_answer(1, b"one");
-    let down = s.to_client();
-    assert!(matches!(&down[..], [F::Headers(1, ..), F::Data(1, ..), F::Headers(1, t, true)] if status(t) == Some("0")), "{down:?}");
+    let down = s.client_reads();
+    assert!(
+        matches!(&down[..], [F::Headers(1, ..), F::Data(1, ..), F::Headers(1, t, true)] if status(t) == Some("0")),
+        "{down:?}"
+    );
     assert!(!s.relay.finished());
     s.relay.local_result(3, Ok(Bytes::from_static(b"three")));
-    let down = s.to_client();
-    assert!(matches!(&down[..], [F::Headers(3, ..), F::Data(3, ..), F::Headers(3, t, true)] if status(t) == Some("0")), "{down:?}");
+    let down = s.client_reads();
+    assert!(
+        matches!(&down[..], [F::Headers(3, ..), F::Data(3, ..), F::Headers(3, t, true)] if status(t) == Some("0")),
+        "{down:?}"
+    );
     assert!(s.relay.finished());
     // A stream the client opened before it saw the GOAWAY is refused.
     let late = s.client.request(7, RELAYED);
-    s.from_client(late);
-    assert_eq!(s.to_client(), vec![F::Rst(7, reason::REFUSED_STREAM)]);
+    s.client_sends(late);
+    assert_eq!(s.client_reads(), vec![F::Rst(7, reason::REFUSED_STREAM)]);
 }
 
 #[test]
@@ -355,10 +361,10 @@ fn a_runtime_that_closes_ends_relayed_calls_and_local_ones_go_on() {
         &[(":status", "200"), ("content-type", "application/grpc")],
         false,
     );
-    s.from_runtime(h);
+    s.runtime_sends(h);
     s.relay.runtime_lost("end of stream");
     assert!(!s.relay.runtime_live());
-    let down = s.to_client();
+    let down = s.client_reads();
     let mut saw = (false, false, false);
     for f in &down {
         match f {
@@ -370,7 +376,11 @@ fn a_runtime_that_closes_ends_relayed_calls_and_local_ones_go_on() {
             F::Headers(5, h, false) => assert_eq!(hpack::get(h, b":status"), Some(&b"200"[..])),
             F::Headers(5, h, true) => {
                 assert_eq!(status(h), Some("14"), "{h:?}");
-                assert_eq!(hpack::get(h, b":status"), None, "trailers, not Trailers-Only");
+                assert_eq!(
+                    hpack::get(h, b":status"),
+                    None,
+                    "trailers, not Trailers-Only"
+                );
                 saw.1 = true;
             }
             F::GoAway(5, reason::NO_ERROR) => saw.2 = true,
@@ -378,9 +388,13 @@ fn a_runtime_that_closes_ends_relayed_calls_and_local_ones_go_on() {
         }
     }
     assert_eq!(saw, (true, true, true), "{down:?}");
-    s.relay.local_result(3, Err(tonic::Status::not_found("nope")));
-    let down = s.to_client();
-    assert!(matches!(&down[..], [F::Headers(3, t, true)] if status(t) == Some("5")), "{down:?}");
+    s.relay
+        .local_result(3, Err(tonic::Status::not_found("nope")));
+    let down = s.client_reads();
+    assert!(
+        matches!(&down[..], [F::Headers(3, t, true)] if status(t) == Some("5")),
+        "{down:?}"
+    );
     assert!(s.relay.finished());
 }
 
@@ -424,7 +438,10 @@ fn unreachable_runtime_answers_unavailable_then_relays_once_it_is_back() {
         up.iter().any(|f| matches!(f, F::Headers(3, h, false) if hpack::get(h, b":path") == Some(RELAYED.as_bytes()))),
         "{up:?}"
     );
-    assert!(up.iter().any(|f| matches!(f, F::Data(3, _, true))), "{up:?}");
+    assert!(
+        up.iter().any(|f| matches!(f, F::Data(3, _, true))),
+        "{up:?}"
+    );
 }
 
 #[test]
@@ -442,12 +459,12 @@ fn answers_wait_for_the_clients_window_and_the_runtime_gets_its_credit_back() {
     );
     frame::put_data(&mut r, 1, &grpc::frame_message(&body), false, 16384);
     r.extend_from_slice(&s.runtime.headers(1, &[("grpc-status", "0")], true));
-    s.from_runtime(r);
+    s.runtime_sends(r);
     let mut received = 0;
     let mut trailers = false;
     let mut credit = 0u64;
     for round in 0..40 {
-        let down = s.to_client();
+        let down = s.client_reads();
         let mut got = 0;
         for f in &down {
             match f {
@@ -468,7 +485,7 @@ fn answers_wait_for_the_clients_window_and_the_runtime_gets_its_credit_back() {
             received as i64 <= frame::DEFAULT_WINDOW * (round + 1),
             "more than the client's window"
         );
-        for f in s.to_runtime() {
+        for f in s.runtime_reads() {
             match f {
                 F::Window(_, inc) => credit += u64::from(inc),
                 other => panic!("{other:?}"),
@@ -481,7 +498,7 @@ fn answers_wait_for_the_clients_window_and_the_runtime_gets_its_credit_back() {
         let mut w = BytesMut::new();
         window_update(&mut w, 0, got as u32);
         window_update(&mut w, 1, got as u32);
-        s.from_client(w);
+        s.client_sends(w);
     }
     assert!(trailers);
     assert_eq!(received, body.len() + 5);
@@ -494,7 +511,8 @@ fn answers_wait_for_the_clients_window_and_the_runtime_gets_its_credit_back() {
 
 #[test]
 fn protocol_errors_close_the_connection_with_their_code() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Peer) -> BytesMut>, u32)> = vec![
+    type Input = Box<dyn Fn(&mut Peer) -> BytesMut>;
+    let cases: Vec<(&str, Input, u32)> = vec![
         (
             "connection WINDOW_UPDATE of 0",
             Box::new(|_| {
@@ -571,7 +589,7 @@ fn protocol_errors_close_the_connection_with_their_code() {
         let bytes = input(&mut s.client);
         let mut bytes = bytes;
         s.relay.client_input(&mut bytes);
-        let down = s.to_client();
+        let down = s.client_reads();
         assert_eq!(down.last(), Some(&F::GoAway(0, code)), "{what}: {down:?}");
         assert!(s.relay.finished(), "{what}");
     }
