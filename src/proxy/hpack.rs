@@ -219,6 +219,13 @@ fn string(buf: &[u8]) -> Result<(Cow<'_, [u8]>, usize), DecodeError> {
         let mut out = Vec::with_capacity(len * 8 / 5 + 1);
         httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FourBits)
             .map_err(|_| DecodeError::Huffman)?;
+        // Every valid Huffman string is the one encoding of what it decodes
+        // to (padded with at most 7 bits of the EOS code, all ones, RFC 7541
+        // §5.2); the decoder above lets zero padding through, so compare.
+        let mut again = Vec::with_capacity(len);
+        if httlib_huffman::encode(&out, &mut again).is_err() || again != raw {
+            return Err(DecodeError::Huffman);
+        }
         Cow::Owned(out)
     } else {
         Cow::Borrowed(raw)
@@ -594,6 +601,30 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    /// RFC 7541 §5.2: padding longer than 7 bits, or not the EOS prefix
+    /// (ones), is a decoding error.
+    #[test]
+    fn huffman_padding_must_be_short_and_ones() {
+        // "a" is 00011 (5 bits): 0x1f pads with three 1 bits.
+        let literal = |s: &[u8]| {
+            let mut b = vec![0x00, 0x01, b'x', 0x80 | s.len() as u8];
+            b.extend_from_slice(s);
+            b
+        };
+        let list = Decoder::default().decode(&literal(&[0x1f])).unwrap();
+        assert_eq!(list, vec![(b"x".to_vec(), b"a".to_vec())]);
+        // Zero padding.
+        assert_eq!(
+            Decoder::default().decode(&literal(&[0x18])),
+            Err(DecodeError::Huffman)
+        );
+        // A whole byte of padding after a full code.
+        assert_eq!(
+            Decoder::default().decode(&literal(&[0x1f, 0xff])),
+            Err(DecodeError::Huffman)
+        );
     }
 
     #[test]
