@@ -3,7 +3,7 @@
 //! `:authority`), CRI config builders for the busybox test image, polling
 //! helpers and the `sidecar-shim` process; the kubelet simulator
 //! (`kubelet`), the demo's scenarios (`demo`) and their SVG timelines
-//! (`timeline`).
+//! (`timeline`); a real one-node Kubernetes from `hack/cluster` (`cluster`).
 //!
 //! Use it from an integration test with `mod support;`.
 //!
@@ -45,6 +45,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod cluster;
 pub mod demo;
 pub mod kubelet;
 pub mod timeline;
