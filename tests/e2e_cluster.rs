@@ -174,3 +174,86 @@ fn annotated_job_stays_running_without_the_shim() -> Result<()> {
     );
     Ok(())
 }
+
+/// Ten copies of the demo Job at once through the shim: every one completes
+/// and no container is restarted (each attempt counts as a restart in the
+/// pod's status, and an app restarted under restartPolicy Never means a
+/// start that failed).
+///
+/// Ignored for now: with several pods starting at once, kubelet's CRI
+/// connection through the shim gets GOAWAY ENHANCE_YOUR_CALM
+/// "too_many_pings" from containerd (the HTTP/2 keepalive issue, being fixed
+/// in the relay), held StartContainer calls on it fail with UNAVAILABLE
+/// (exit 128, StartError), and apps are restarted; seen here: 19 failed
+/// starts and 155 GOAWAYs for 10 Jobs, one Job Failed. Straight at
+/// containerd: no GOAWAY, no failed start. Run it with
+/// `cargo nextest run --test e2e_cluster --run-ignored all`.
+#[test]
+#[ignore = "fails until the HTTP/2 too_many_pings issue is fixed: failed starts (exit 128) under concurrency"]
+fn ten_annotated_jobs_at_once_complete_without_restarts() -> Result<()> {
+    const JOBS: usize = 10;
+    let cluster = Cluster::up(Mode::Shim)?;
+    let manifest = std::fs::read_to_string(support::repo_root().join(MANIFEST))?;
+    let one = format!("  name: {JOB}\n");
+    anyhow::ensure!(
+        manifest.contains(&one),
+        "{MANIFEST} has no `{}`",
+        one.trim_end()
+    );
+    let yaml: String = (1..=JOBS)
+        .map(|i| {
+            format!(
+                "---\n{}",
+                manifest.replace(&one, &format!("  name: {JOB}-{i}\n"))
+            )
+        })
+        .collect();
+    cluster.apply(&yaml)?;
+
+    cluster.wait_for(JOB_TIMEOUT, "all ten Jobs to be Complete", || {
+        let jobs = cluster.kubectl_json(&["get", "jobs"])?;
+        let jobs = jobs["items"].as_array().cloned().unwrap_or_default();
+        if let Some(failed) = jobs.iter().find(|j| condition_true(j, "Failed")) {
+            return Err(cluster.fail(&format!(
+                "Job {} Failed: {}",
+                failed["metadata"]["name"], failed["status"]["conditions"]
+            )));
+        }
+        let complete = jobs
+            .iter()
+            .filter(|j| condition_true(j, "Complete"))
+            .count();
+        Ok((jobs.len() == JOBS && complete == JOBS).then_some(()))
+    })?;
+
+    let pods = cluster.kubectl_json(&["get", "pods"])?;
+    let pods = pods["items"].as_array().cloned().unwrap_or_default();
+    let mut wrong = Vec::new();
+    for pod in &pods {
+        let statuses = pod["status"]["containerStatuses"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for c in &statuses {
+            if c["restartCount"] != 0 || exit_code(c) != Some(0) {
+                wrong.push(format!(
+                    "{}/{}: restartCount {}, {}",
+                    pod_name(pod),
+                    c["name"],
+                    c["restartCount"],
+                    c["state"]
+                ));
+            }
+        }
+    }
+    if pods.len() != JOBS || !wrong.is_empty() {
+        return Err(cluster.fail(&format!(
+            "{} pods for {JOBS} Jobs; containers restarted or not at exit 0 (kubelet got GOAWAY \
+             too_many_pings {} times):\n{}",
+            pods.len(),
+            cluster.too_many_pings(),
+            wrong.join("\n")
+        )));
+    }
+    Ok(())
+}
