@@ -1,14 +1,13 @@
 //! The CRI proxy: accepts client connections on the shim's socket and relays
-//! each over its own connection to the runtime (see [`conn`] for why), or
-//! answers UNAVAILABLE while the runtime cannot be reached ([`degraded`]).
-//! Calls to the methods an [`Interceptor`] claims are answered by the shim.
+//! each over its own connection to the runtime, as an HTTP/2 endpoint on
+//! each hop ([`relay`], driven by [`conn`]). Calls to the methods an
+//! [`Interceptor`] claims are answered by the shim.
 
 mod conn;
-mod degraded;
 pub mod frame;
 pub mod grpc;
 pub mod hpack;
-mod status;
+pub mod relay;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -27,11 +26,6 @@ use crate::metrics::Metrics;
 
 /// How long a new client has to send the HTTP/2 connection preface.
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long connecting to the runtime's socket may take before the runtime
-/// counts as unreachable. A Unix socket connects at once or fails at once;
-/// this only bounds a runtime whose accept backlog is full.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A unary call the shim answers itself.
 #[derive(Debug)]
@@ -167,25 +161,7 @@ async fn connection(
         }
     }
     bytes::Buf::advance(&mut buf, frame::PREFACE.len());
-    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(runtime.as_path()))
-        .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            ))
-        });
-    match upstream {
-        Ok(upstream) => {
-            metrics.runtime_reachable();
-            conn::relay(client, upstream, buf, interceptor, metrics, drain).await
-        }
-        Err(e) => {
-            debug!(error = %e, "runtime unreachable; answering this connection's calls with UNAVAILABLE");
-            metrics.runtime_unreachable();
-            degraded::serve(client, buf, &runtime, e, &metrics, drain).await
-        }
-    }
+    conn::serve(client, buf, runtime, interceptor, metrics, drain).await
 }
 
 /// Read until the 24-byte preface is in `buf`; false if the client sent
