@@ -3,7 +3,8 @@
 //! `:authority`), CRI config builders for the busybox test image, polling
 //! helpers and the `sidecar-shim` process; the kubelet simulator
 //! (`kubelet`), the demo's scenarios (`demo`) and their SVG timelines
-//! (`timeline`); a real one-node Kubernetes from `hack/cluster` (`cluster`).
+//! (`timeline`); a client that behaves like grpc-go's at the HTTP/2 level
+//! (`grpc_go`); a real one-node Kubernetes from `hack/cluster` (`cluster`).
 //!
 //! Use it from an integration test with `mod support;`.
 //!
@@ -47,6 +48,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub mod cluster;
 pub mod demo;
+pub mod grpc_go;
 pub mod kubelet;
 pub mod timeline;
 
