@@ -4,7 +4,7 @@
 //! helpers and the `sidecar-shim` process; the kubelet simulator
 //! (`kubelet`), the demo's scenarios (`demo`) and their SVG timelines
 //! (`timeline`); a client that behaves like grpc-go's at the HTTP/2 level
-//! (`grpc_go`).
+//! (`grpc_go`); a real one-node Kubernetes from `hack/cluster` (`cluster`).
 //!
 //! Use it from an integration test with `mod support;`.
 //!
@@ -46,6 +46,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod cluster;
 pub mod demo;
 pub mod grpc_go;
 pub mod kubelet;
