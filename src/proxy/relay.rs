@@ -66,8 +66,13 @@ const RUNTIME_WINDOW: i64 = 1 << 20;
 /// SETTINGS_MAX_HEADER_LIST_SIZE the proxy advertises to the runtime.
 const RUNTIME_MAX_HEADER_LIST_SIZE: usize = 1 << 20;
 
-/// Requests to intercepted methods larger than this are refused.
-const MAX_LOCAL_REQUEST: usize = 16 * 1024 * 1024;
+/// Requests to intercepted methods larger than this are refused (gRPC's
+/// default message limit; kubelet's CreateContainer requests are kilobytes).
+const MAX_LOCAL_REQUEST: usize = 4 * 1024 * 1024;
+
+/// Request bytes of intercepted calls a connection may hold at once (until
+/// each is answered); beyond it further ones are refused.
+const MAX_LOCAL_BUFFERED: usize = 8 * 1024 * 1024;
 
 /// Once this much is waiting to be written to a peer, the proxy stops
 /// queueing DATA for it and stops reading what would add to it.
@@ -287,6 +292,8 @@ enum LocalPhase {
 struct Stream {
     method: Box<str>,
     started: Instant,
+    /// Request bytes of a local call, counted in [`Relay::local_bytes`].
+    local_size: usize,
     route: Route,
     /// The request, as the client sends it.
     recv: Recv,
@@ -326,6 +333,9 @@ pub struct Relay {
     last_stream: u32,
     /// Streams the proxy reset toward the client, newest last.
     reset: VecDeque<u32>,
+    /// Request bytes of local calls not yet answered (bounded by
+    /// [`MAX_LOCAL_BUFFERED`]).
+    local_bytes: usize,
     /// The last-stream-id of the GOAWAY the proxy sent the client.
     goaway: Option<u32>,
     /// A connection error was sent: nothing more is read or written after
@@ -370,6 +380,7 @@ impl Relay {
             up_ready: VecDeque::new(),
             last_stream: 0,
             reset: VecDeque::new(),
+            local_bytes: 0,
             goaway: None,
             failed: false,
             actions: Vec::new(),
@@ -541,6 +552,7 @@ impl Relay {
                 self.metrics.call(&s.method, code, s.started.elapsed());
             }
         }
+        self.local_bytes = 0;
     }
 
     // -- Input -------------------------------------------------------------
@@ -816,16 +828,20 @@ impl Relay {
                 self.client.unreturned += data.len() as i64;
                 stream.recv.unreturned += data.len() as i64;
                 if let LocalPhase::Receiving { body, .. } = phase {
-                    if body.len() + data.len() > MAX_LOCAL_REQUEST {
+                    let refusal = if body.len() + data.len() > MAX_LOCAL_REQUEST {
+                        Some("sidecar-shim: request too large")
+                    } else if self.local_bytes + data.len() > MAX_LOCAL_BUFFERED {
+                        Some("sidecar-shim: too many request bytes in flight on this connection")
+                    } else {
+                        None
+                    };
+                    if let Some(why) = refusal {
                         *phase = LocalPhase::Running;
-                        self.answer(
-                            id,
-                            Err(tonic::Status::resource_exhausted(
-                                "sidecar-shim: request too large",
-                            )),
-                        );
+                        self.answer(id, Err(tonic::Status::resource_exhausted(why)));
                     } else {
                         body.extend_from_slice(&data);
+                        stream.local_size += data.len();
+                        self.local_bytes += data.len();
                         if end {
                             self.dispatch(id);
                         }
@@ -972,6 +988,7 @@ impl Relay {
             Stream {
                 method: method.into(),
                 started: Instant::now(),
+                local_size: 0,
                 route,
                 recv,
                 down: Half::new(self.client.initial_window),
@@ -1118,6 +1135,7 @@ impl Relay {
         let Some(stream) = self.streams.remove(&id) else {
             return;
         };
+        self.local_bytes -= stream.local_size;
         let unforwarded = match &stream.route {
             Route::Relayed { up, .. } => up.queued_data(),
             Route::Local(_) => 0,
@@ -1203,6 +1221,7 @@ impl Relay {
         self.metrics
             .call(&stream.method, code, stream.started.elapsed());
         stream.route = Route::Local(LocalPhase::Answered);
+        self.local_bytes -= std::mem::take(&mut stream.local_size);
         self.down_ready.push_back(id);
     }
 

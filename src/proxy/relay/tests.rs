@@ -594,3 +594,77 @@ fn protocol_errors_close_the_connection_with_their_code() {
         assert!(s.relay.finished(), "{what}");
     }
 }
+
+/// Send `n` bytes of DATA on a stream in 16 KiB frames (the relay gives the
+/// credit back as it goes). `prefix`: the bytes start with a gRPC message
+/// prefix announcing a message of `prefix` bytes.
+fn send_body(s: &mut Setup, stream: u32, n: usize, end: bool, prefix: Option<usize>) {
+    let mut body = vec![1; n];
+    if let Some(len) = prefix {
+        body[0] = 0;
+        body[1..5].copy_from_slice(&(len as u32).to_be_bytes());
+    }
+    for (i, chunk) in body.chunks(frame::DEFAULT_MAX_FRAME).enumerate() {
+        let last = (i + 1) * frame::DEFAULT_MAX_FRAME >= n;
+        let mut d = BytesMut::new();
+        frame::put_data(&mut d, stream, chunk, end && last, 16384);
+        s.client_sends(d);
+    }
+}
+
+fn open_local(s: &mut Setup, stream: u32) {
+    let h = s.client.headers(
+        stream,
+        &[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", LOCAL),
+            ("content-type", "application/grpc"),
+        ],
+        false,
+    );
+    s.client_sends(h);
+}
+
+fn refusal(frames: &[F], stream: u32) -> Option<String> {
+    frames.iter().find_map(|f| match f {
+        F::Headers(s, h, true) if *s == stream && status(h) == Some("8") => Some(
+            String::from_utf8_lossy(hpack::get(h, b"grpc-message").unwrap_or_default())
+                .into_owned(),
+        ),
+        _ => None,
+    })
+}
+
+#[test]
+fn local_request_bytes_are_bounded_per_call_and_per_connection() {
+    let mut s = Setup::new();
+    // One call larger than MAX_LOCAL_REQUEST.
+    open_local(&mut s, 1);
+    send_body(&mut s, 1, MAX_LOCAL_REQUEST + 1, false, None);
+    let down = s.client_reads();
+    let why = refusal(&down, 1).unwrap_or_else(|| panic!("{:?}", &down[..4]));
+    assert!(why.contains("request too large"), "{why}");
+    assert!(down.contains(&F::Rst(1, reason::NO_ERROR)));
+    assert!(s.relay.actions().is_empty());
+    // Calls that together pass MAX_LOCAL_BUFFERED: the one that passes it
+    // is refused, the others go on.
+    let each = MAX_LOCAL_BUFFERED / 2 - 1024;
+    for id in [3, 5, 7] {
+        open_local(&mut s, id);
+        send_body(&mut s, id, each, false, Some(each + 1 - 5));
+    }
+    let down = s.client_reads();
+    assert_eq!(refusal(&down, 3), None);
+    assert_eq!(refusal(&down, 5), None);
+    let why = refusal(&down, 7).expect("stream 7 refused");
+    assert!(why.contains("in flight"), "{why}");
+    // Once one is answered its bytes are free again.
+    send_body(&mut s, 3, 1, true, None);
+    assert!(matches!(s.relay.actions().as_slice(), [Action::Call(3, _)]));
+    s.relay.local_result(3, Ok(Bytes::new()));
+    open_local(&mut s, 9);
+    send_body(&mut s, 9, each, true, Some(each - 5));
+    assert!(matches!(s.relay.actions().as_slice(), [Action::Call(9, _)]));
+    assert_eq!(refusal(&s.client_reads(), 9), None);
+}
