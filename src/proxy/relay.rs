@@ -78,9 +78,11 @@ const MAX_LOCAL_BUFFERED: usize = 8 * 1024 * 1024;
 /// queueing DATA for it and stops reading what would add to it.
 pub const OUT_HIGH: usize = 256 * 1024;
 
-/// How many streams the proxy remembers having reset (frames the peer sent
-/// before it saw the reset are then ignored, RFC 9113 §5.1).
-const RESET_MEMORY: usize = 256;
+/// How many closed streams the proxy remembers: frames on a stream it reset
+/// may still be on their way and are ignored, frames on one closed normally
+/// are the client's error (STREAM_CLOSED), and a stream id below the last
+/// that was never used is an unexpected one (RFC 9113 §5.1, §5.1.1).
+const CLOSED_MEMORY: usize = 256;
 
 /// Something the I/O loop must do for the relay.
 pub enum Action {
@@ -331,8 +333,9 @@ pub struct Relay {
     up_ready: VecDeque<u32>,
     /// Highest stream id the client opened.
     last_stream: u32,
-    /// Streams the proxy reset toward the client, newest last.
-    reset: VecDeque<u32>,
+    /// Streams closed recently, newest last, and whether the proxy reset
+    /// them.
+    closed: VecDeque<(u32, bool)>,
     /// Request bytes of local calls not yet answered (bounded by
     /// [`MAX_LOCAL_BUFFERED`]).
     local_bytes: usize,
@@ -379,7 +382,7 @@ impl Relay {
             down_ready: VecDeque::new(),
             up_ready: VecDeque::new(),
             last_stream: 0,
-            reset: VecDeque::new(),
+            closed: VecDeque::new(),
             local_bytes: 0,
             goaway: None,
             failed: false,
@@ -795,7 +798,7 @@ impl Relay {
             // A closed stream: its credit goes back; a frame on a stream
             // the proxy reset was in flight before the client saw it.
             self.client.unreturned += len;
-            if !self.reset.contains(&id) {
+            if self.was_closed(id) != Some(true) {
                 self.reset_client_stream(id, reason::STREAM_CLOSED);
             }
             return Ok(());
@@ -883,11 +886,16 @@ impl Relay {
             return Ok(());
         }
         if id <= self.last_stream {
-            if !self.reset.contains(&id) {
-                return Err(ConnError(
-                    reason::STREAM_CLOSED,
-                    "HEADERS on a closed stream",
-                ));
+            match self.was_closed(id) {
+                // In flight before the client saw the reset.
+                Some(true) => {}
+                Some(false) => self.reset_client_stream(id, reason::STREAM_CLOSED),
+                None => {
+                    return Err(ConnError(
+                        reason::PROTOCOL_ERROR,
+                        "HEADERS opening a stream below the last one",
+                    ))
+                }
             }
             return Ok(());
         }
@@ -1089,10 +1097,27 @@ impl Relay {
     }
 
     fn remember_reset(&mut self, id: u32) {
-        if self.reset.len() == RESET_MEMORY {
-            self.reset.pop_front();
+        self.remember_closed(id, true);
+    }
+
+    fn remember_closed(&mut self, id: u32, reset: bool) {
+        if let Some(entry) = self.closed.iter_mut().rev().find(|(i, _)| *i == id) {
+            entry.1 |= reset;
+            return;
         }
-        self.reset.push_back(id);
+        if self.closed.len() == CLOSED_MEMORY {
+            self.closed.pop_front();
+        }
+        self.closed.push_back((id, reset));
+    }
+
+    /// Whether `id` closed recently, and if so whether the proxy reset it.
+    fn was_closed(&self, id: u32) -> Option<bool> {
+        self.closed
+            .iter()
+            .rev()
+            .find(|(i, _)| *i == id)
+            .map(|(_, reset)| *reset)
     }
 
     /// How many streams are open on the runtime connection (counted only
@@ -1135,6 +1160,7 @@ impl Relay {
         let Some(stream) = self.streams.remove(&id) else {
             return;
         };
+        self.remember_closed(id, false);
         self.local_bytes -= stream.local_size;
         let unforwarded = match &stream.route {
             Route::Relayed { up, .. } => up.queued_data(),

@@ -16,6 +16,8 @@
 //! - `SIDECAR_SHIM_KEEP_TEST_DIRS=1`: keep each test's temporary directory
 //!   (containerd log, config, shim log) instead of removing it.
 //! - `SIDECAR_SHIM_TEST_RUST_LOG`: `RUST_LOG` for spawned shims (default `debug`).
+//! - `SIDECAR_SHIM_TEST_BIN`: the shim binary to spawn instead of this
+//!   build's (to show that a test fails on an older build).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -49,6 +51,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 pub mod cluster;
 pub mod demo;
 pub mod grpc_go;
+pub mod h2raw;
 pub mod kubelet;
 pub mod timeline;
 
@@ -1164,8 +1167,15 @@ pub struct ShimProcess {
 
 impl ShimProcess {
     /// The shim binary under test.
+    /// The shim binary: this build's, or the one `SIDECAR_SHIM_TEST_BIN`
+    /// names (to run the tests against another build, e.g. an older one).
     pub fn binary() -> &'static Path {
-        Path::new(env!("CARGO_BIN_EXE_sidecar-shim"))
+        static BIN: OnceLock<PathBuf> = OnceLock::new();
+        BIN.get_or_init(|| {
+            std::env::var_os("SIDECAR_SHIM_TEST_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sidecar-shim")))
+        })
     }
 
     /// Spawn `sidecar-shim --listen LISTEN --runtime-endpoint unix://RUNTIME
