@@ -32,15 +32,7 @@ use tokio::io::AsyncReadExt;
 const VERSION: &str = "/runtime.v1.RuntimeService/Version";
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A field of /proc/PID/status, in KiB.
-fn status_kib(pid: u32, key: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {key} for {pid}"))
-}
+use support::proc_status_kib as status_kib;
 
 fn fds(pid: u32) -> Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())

@@ -220,12 +220,7 @@ struct Round {
 
 /// `VmRSS` of a process, in KiB.
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
+    support::proc_status_kib(pid, "VmRSS:")
 }
 
 fn ms_between(from: SystemTime, to: SystemTime) -> f64 {

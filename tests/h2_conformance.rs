@@ -671,14 +671,9 @@ async fn what_the_rfc_says_to_ignore_is_ignored() -> Result<()> {
     still_serving(&mut shim).await
 }
 
-/// VmRSS of a process, in KiB.
+/// `VmRSS` of a process, in KiB.
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
+    support::proc_status_kib(pid, "VmRSS:")
 }
 
 /// One HEADERS without END_HEADERS, then CONTINUATION frames (the

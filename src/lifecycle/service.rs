@@ -58,6 +58,21 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 /// How often the sandboxes of managed pods are checked for pods that went
 /// away without a RemovePodSandbox through the shim.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Methods whose calls may be sent to the runtime again when the connection
+/// broke under them: doing them twice is doing them once.
+const REPEATABLE: &[&str] = &[
+    "StopContainer",
+    "StopPodSandbox",
+    "RemoveContainer",
+    "RemovePodSandbox",
+    "ContainerStatus",
+    "ListContainers",
+    "PodSandboxStatus",
+];
+/// How long such a call is retried: up to its client's deadline less this
+/// margin, or this long when the client set none.
+const FORWARD_RETRY_MARGIN: Duration = Duration::from_secs(2);
+const FORWARD_RETRY_MAX: Duration = Duration::from_secs(60);
 /// The shim's own starts and stops, when the runtime is unreachable: tried
 /// again this often (until the start's deferral deadline; stops until the
 /// container is gone).
@@ -296,8 +311,45 @@ fn is_protocol_header(name: &[u8]) -> bool {
 
 impl Inner {
     /// Send a call's bytes to the runtime as they are, with the client's
-    /// metadata and deadline.
+    /// metadata and deadline. A call that is safe to repeat (a stop, a
+    /// removal, a status read) and fails because the runtime went away
+    /// (containerd restarting) is sent again until the runtime answers or
+    /// the client's deadline comes near: the shim answers it over its own
+    /// connection, which outlives the client's (see the relay), and a stop
+    /// kubelet sent for an app must reach the runtime before the sidecar
+    /// stops it holds can go ahead.
     async fn forward(&self, call: &LocalCall, message: Bytes) -> Result<Bytes, tonic::Status> {
+        let started = Instant::now();
+        let deadline = call.timeout.map(|t| started + t);
+        let give_up = started
+            + call.timeout.map_or(FORWARD_RETRY_MAX, |t| {
+                t.saturating_sub(FORWARD_RETRY_MARGIN)
+            });
+        let repeatable = REPEATABLE
+            .iter()
+            .any(|m| call.method.strip_prefix(RUNTIME) == Some(m));
+        loop {
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            match self.forward_once(call, message.clone(), timeout).await {
+                Err(e)
+                    if repeatable
+                        && unreachable(&e)
+                        && Instant::now() + RECONCILE_RETRY < give_up =>
+                {
+                    debug!(rpc.method = %call.method, error = %e, "runtime unreachable; sending the call again");
+                    tokio::time::sleep(RECONCILE_RETRY).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn forward_once(
+        &self,
+        call: &LocalCall,
+        message: Bytes,
+        timeout: Option<Duration>,
+    ) -> Result<Bytes, tonic::Status> {
         let mut req = tonic::Request::new(message);
         for (name, value) in &call.headers {
             if is_protocol_header(name) {
@@ -310,7 +362,7 @@ impl Inner {
                 req.metadata_mut().insert(k, v);
             }
         }
-        if let Some(t) = call.timeout {
+        if let Some(t) = timeout {
             req.set_timeout(t);
         }
         let path: http::uri::PathAndQuery = call

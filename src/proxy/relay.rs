@@ -563,32 +563,10 @@ impl Relay {
     /// Handle every complete frame from the client at the start of `buf`,
     /// removing them.
     pub fn client_input(&mut self, buf: &mut BytesMut) {
-        let mut at = 0;
-        let mut result = Ok(());
-        while !self.failed {
-            let Some(head) = Head::parse(&buf[at..]) else {
-                break;
-            };
-            if head.len > frame::DEFAULT_MAX_FRAME {
-                result = Err(ConnError(
-                    reason::FRAME_SIZE_ERROR,
-                    "frame larger than SETTINGS_MAX_FRAME_SIZE",
-                ));
-                break;
-            }
-            if buf.len() - at < head.frame_len() {
-                break;
-            }
-            let payload = &buf[at + frame::HEADER_LEN..at + head.frame_len()];
-            let payload = Bytes::copy_from_slice(payload);
-            at += head.frame_len();
-            if let Err(e) = self.client_frame(&head, payload) {
-                result = Err(e);
-                break;
-            }
-        }
-        let _ = buf.split_to(at.min(buf.len()));
-        if let Err(ConnError(code, why)) = result {
+        if let Err(ConnError(code, why)) = each_frame(buf, |head, payload| match self.failed {
+            true => Ok(false),
+            false => self.client_frame(head, payload).map(|()| true),
+        }) {
             self.connection_error(code, why);
             return;
         }
@@ -598,31 +576,10 @@ impl Relay {
     /// Handle every complete frame from the runtime at the start of `buf`,
     /// removing them.
     pub fn runtime_input(&mut self, buf: &mut BytesMut) {
-        let mut at = 0;
-        let mut result = Ok(());
-        while self.runtime_live() {
-            let Some(head) = Head::parse(&buf[at..]) else {
-                break;
-            };
-            if head.len > frame::DEFAULT_MAX_FRAME {
-                result = Err(ConnError(
-                    reason::FRAME_SIZE_ERROR,
-                    "frame larger than SETTINGS_MAX_FRAME_SIZE",
-                ));
-                break;
-            }
-            if buf.len() - at < head.frame_len() {
-                break;
-            }
-            let payload = &buf[at + frame::HEADER_LEN..at + head.frame_len()];
-            let payload = Bytes::copy_from_slice(payload);
-            at += head.frame_len();
-            if let Err(e) = self.runtime_frame(&head, payload) {
-                result = Err(e);
-                break;
-            }
-        }
-        let _ = buf.split_to(at.min(buf.len()));
+        let result = each_frame(buf, |head, payload| match self.runtime_live() {
+            false => Ok(false),
+            true => self.runtime_frame(head, payload).map(|()| true),
+        });
         if let Err(ConnError(code, why)) = result {
             warn!(
                 code = reason::name(code),
@@ -1730,6 +1687,33 @@ fn response_complete(down: &Half) -> bool {
             .queue
             .iter()
             .any(|i| matches!(i, Item::Headers(_, true) | Item::Data(_, true)))
+}
+
+/// Hand each complete frame at the start of `buf` to `f` (while it returns
+/// `Ok(true)`), removing the frames it took. A frame larger than the
+/// proxy's SETTINGS_MAX_FRAME_SIZE (the default, which it never raises) is
+/// a connection error.
+fn each_frame(
+    buf: &mut BytesMut,
+    mut f: impl FnMut(&Head, Bytes) -> Result<bool, ConnError>,
+) -> Result<(), ConnError> {
+    while let Some(head) = Head::parse(buf) {
+        if head.len > frame::DEFAULT_MAX_FRAME {
+            return Err(ConnError(
+                reason::FRAME_SIZE_ERROR,
+                "frame larger than SETTINGS_MAX_FRAME_SIZE",
+            ));
+        }
+        if buf.len() < head.frame_len() {
+            break;
+        }
+        let mut raw = buf.split_to(head.frame_len()).freeze();
+        let payload = raw.split_off(frame::HEADER_LEN);
+        if !f(&head, payload)? {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Write a half's queued items to `out` as far as the windows allow.

@@ -133,6 +133,16 @@ fn build_test_images() -> Result<PathBuf> {
 }
 
 /// Is there a live (non-zombie) process with this pid?
+/// A `kB` field of /proc/PID/status (`VmRSS:`, `VmHWM:`), in KiB.
+pub fn proc_status_kib(pid: u32, key: &str) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {key} in /proc/{pid}/status"))
+}
+
 pub fn pid_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
