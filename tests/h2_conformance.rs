@@ -294,6 +294,11 @@ async fn malformed_frames_are_connection_errors_with_their_code() -> Result<()> 
             Expect::Conn(PROTOCOL_ERROR),
         ),
         case(
+            "6.3 PRIORITY of 4 bytes on an idle stream (RST_STREAM may not name it)",
+            vec![frame(ty::PRIORITY, 0, 3, &[0, 0, 0, 1])],
+            Expect::Conn(FRAME_SIZE_ERROR),
+        ),
+        case(
             "6.4 RST_STREAM on stream 0",
             vec![frame(ty::RST_STREAM, 0, 0, &8u32.to_be_bytes())],
             Expect::Conn(PROTOCOL_ERROR),
@@ -518,8 +523,8 @@ async fn stream_errors_reset_the_stream_and_the_connection_goes_on() -> Result<(
             Expect::Stream(1, FLOW_CONTROL_ERROR),
         ),
         case(
-            "6.3 PRIORITY of 4 bytes",
-            vec![frame(ty::PRIORITY, 0, 1, &[0, 0, 0, 3])],
+            "6.3 PRIORITY of 4 bytes on an open stream",
+            vec![open(1, START), frame(ty::PRIORITY, 0, 1, &[0, 0, 0, 3])],
             Expect::Stream(1, FRAME_SIZE_ERROR),
         ),
         case(

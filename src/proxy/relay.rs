@@ -222,6 +222,9 @@ struct Half {
     queue: VecDeque<Item>,
     /// The receiving peer's window for this stream.
     send_window: i64,
+    /// Something (the first HEADERS) has been written toward the peer: the
+    /// stream exists for it.
+    sent: bool,
     /// END_STREAM has been written toward the peer.
     ended: bool,
 }
@@ -231,6 +234,7 @@ impl Half {
         Half {
             queue: VecDeque::new(),
             send_window,
+            sent: false,
             ended: false,
         }
     }
@@ -652,14 +656,30 @@ impl Relay {
                 if head.stream == 0 {
                     return Err(ConnError(reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
-                if payload.len() != 5 {
-                    self.reset_client_stream(head.stream, reason::FRAME_SIZE_ERROR);
+                let error = if payload.len() != 5 {
+                    Some((reason::FRAME_SIZE_ERROR, "PRIORITY length"))
                 } else if frame::payload_u32(&payload)
                     .is_some_and(|d| d & 0x7fff_ffff == head.stream)
                 {
-                    self.reset_client_stream(head.stream, reason::PROTOCOL_ERROR);
+                    Some((
+                        reason::PROTOCOL_ERROR,
+                        "PRIORITY depending on its own stream",
+                    ))
+                } else {
+                    None
+                };
+                match error {
+                    // A stream error; on an idle stream, where RST_STREAM
+                    // must not be sent (RFC 9113 §5.1), a connection error.
+                    Some((code, why)) if head.stream > self.last_stream => {
+                        Err(ConnError(code, why))
+                    }
+                    Some((code, _)) => {
+                        self.reset_client_stream(head.stream, code);
+                        Ok(())
+                    }
+                    None => Ok(()),
                 }
-                Ok(())
             }
             kind::RST_STREAM => self.client_reset(head, &payload),
             kind::SETTINGS => {
@@ -990,8 +1010,10 @@ impl Relay {
                     stream.started.elapsed(),
                 );
             }
-            if let Route::Relayed { opened: true, .. } = stream.route {
-                frame::put_rst_stream(&mut self.runtime_out, id, reason::CANCEL);
+            if let Route::Relayed { up, rt_recv, .. } = &stream.route {
+                if up.sent && !rt_recv.ended {
+                    frame::put_rst_stream(&mut self.runtime_out, id, reason::CANCEL);
+                }
             }
             if matches!(stream.route, Route::Local(LocalPhase::Running)) {
                 self.actions.push(Action::Cancel(id));
@@ -1048,7 +1070,9 @@ impl Relay {
             reason = why,
             "closing client connection after a protocol error"
         );
-        frame::put_goaway(&mut self.client_out, self.last_stream, code, why.as_bytes());
+        // Never above a GOAWAY already sent (RFC 9113 §6.8).
+        let last = self.goaway.unwrap_or(self.last_stream);
+        frame::put_goaway(&mut self.client_out, last, code, why.as_bytes());
         self.failed = true;
         self.client_gone(tonic::Code::Unavailable);
     }
@@ -1101,8 +1125,8 @@ impl Relay {
                     stream.started.elapsed(),
                 );
             }
-            match stream.route {
-                Route::Relayed { opened: true, .. } => {
+            match &stream.route {
+                Route::Relayed { up, rt_recv, .. } if up.sent && !rt_recv.ended => {
                     frame::put_rst_stream(&mut self.runtime_out, id, reason::CANCEL);
                 }
                 Route::Local(LocalPhase::Running) => self.actions.push(Action::Cancel(id)),
@@ -1668,7 +1692,7 @@ impl Relay {
             let code = status.unwrap_or(tonic::Code::Unknown);
             self.metrics
                 .call(&stream.method, code, stream.started.elapsed());
-            if *opened && !up.ended && self.runtime_live() {
+            if *opened && up.sent && !up.ended && self.runtime_live() {
                 frame::put_rst_stream(&mut self.runtime_out, id, reason::CANCEL);
             }
         }
@@ -1732,6 +1756,7 @@ fn write_items(
                 let mut block = BytesMut::new();
                 hop.encoder.encode(&mut block, headers);
                 frame::put_headers(out, id, &block, *end, hop.max_frame);
+                half.sent = true;
                 half.ended |= *end;
                 half.queue.pop_front();
             }

@@ -668,3 +668,61 @@ fn local_request_bytes_are_bounded_per_call_and_per_connection() {
     assert!(matches!(s.relay.actions().as_slice(), [Action::Call(9, _)]));
     assert_eq!(refusal(&s.client_reads(), 9), None);
 }
+
+// The fuzzer's findings (issue 12), each as the smallest exchange.
+
+/// A call reset in the read that opened it never reached the runtime: the
+/// runtime gets no RST_STREAM for a stream it never saw (an idle stream for
+/// it, which would be a connection error).
+#[test]
+fn a_call_reset_before_it_reached_the_runtime_is_not_reset_there() {
+    let mut s = Setup::new();
+    let mut c = s.client.request(1, RELAYED);
+    frame::put_rst_stream(&mut c, 1, reason::CANCEL);
+    s.client_sends(c);
+    assert_eq!(s.runtime_reads(), vec![]);
+    assert!(s.relay.streams.is_empty());
+    // A call reset after its HEADERS went out is reset there: the runtime
+    // owes the answer, and gets told it is no longer wanted.
+    s.relayed_call(3);
+    let mut c = BytesMut::new();
+    frame::put_rst_stream(&mut c, 3, reason::CANCEL);
+    s.client_sends(c);
+    assert_eq!(s.runtime_reads(), vec![F::Rst(3, reason::CANCEL)]);
+}
+
+/// A malformed PRIORITY for a stream the client has not opened: RST_STREAM
+/// may not name an idle stream, so it is a connection error.
+#[test]
+fn a_malformed_priority_for_an_idle_stream_is_a_connection_error() {
+    let mut s = Setup::new();
+    let mut c = BytesMut::new();
+    frame::put_head(&mut c, 4, kind::PRIORITY, 0, 3);
+    c.extend_from_slice(&0u32.to_be_bytes());
+    s.relay.client_input(&mut c);
+    let down = s.client_reads();
+    assert!(!down.iter().any(|f| matches!(f, F::Rst(..))), "{down:?}");
+    assert_eq!(down.last(), Some(&F::GoAway(0, reason::FRAME_SIZE_ERROR)));
+}
+
+/// A connection error after a graceful GOAWAY names no higher stream than
+/// the first (RFC 9113 §6.8).
+#[test]
+fn a_second_goaway_never_names_a_higher_stream() {
+    let mut s = Setup::new();
+    s.relayed_call(1);
+    s.relay.drain();
+    let mut c = s.client.request(3, RELAYED);
+    frame::put_head(&mut c, 8, kind::PING, 0, 1);
+    c.extend_from_slice(&[0; 8]);
+    s.relay.client_input(&mut c);
+    let lasts: Vec<u32> = s
+        .client_reads()
+        .iter()
+        .filter_map(|f| match f {
+            F::GoAway(last, _) => Some(*last),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lasts, vec![1, 1]);
+}
