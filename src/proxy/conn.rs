@@ -58,7 +58,7 @@ pub(super) async fn serve(
     relay.client_input(&mut pending);
     let mut client_buf = pending;
     let mut runtime_buf = BytesMut::new();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, Result<Bytes, tonic::Status>)>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, Local)>();
     let mut calls: HashMap<u32, AbortHandle> = HashMap::new();
     let mut drain_seen = false;
 
@@ -70,8 +70,13 @@ pub(super) async fn serve(
                     let tx = done_tx.clone();
                     let task = tokio::spawn(async move {
                         let result = fut.await;
-                        let _ = tx.send((stream, result));
+                        let _ = tx.send((stream, Local::Done(result)));
                     });
+                    calls.insert(stream, task.abort_handle());
+                }
+                Action::CallStream(stream, call) => {
+                    let fut = interceptor.call_stream(call);
+                    let task = tokio::spawn(run_stream(stream, fut, done_tx.clone()));
                     calls.insert(stream, task.abort_handle());
                 }
                 Action::Cancel(stream) => {
@@ -148,10 +153,18 @@ pub(super) async fn serve(
                     relay.runtime_lost(&e.to_string());
                 }
             }
-            Some((stream, result)) = done_rx.recv() => {
-                calls.remove(&stream);
-                relay.local_result(stream, result);
-            }
+            Some((stream, local)) = done_rx.recv() => match local {
+                Local::Done(result) => {
+                    calls.remove(&stream);
+                    relay.local_result(stream, result);
+                }
+                Local::Started => relay.local_stream_started(stream),
+                Local::Message(message) => relay.local_stream_message(stream, &message),
+                Local::End(status) => {
+                    calls.remove(&stream);
+                    relay.local_stream_end(stream, status);
+                }
+            },
             r = drain.changed(), if !drain_seen => {
                 drain_seen = true;
                 if r.is_ok() && *drain.borrow() {
@@ -175,6 +188,47 @@ pub(super) async fn serve(
     }
     drop(runtime);
     linger(client, relay.client_out).await;
+}
+
+/// What a local call's task reports.
+enum Local {
+    /// A unary answer, or a streaming call that failed at once.
+    Done(Result<Bytes, tonic::Status>),
+    /// A streaming call answers: messages follow.
+    Started,
+    Message(Bytes),
+    /// A streaming call ends.
+    End(tonic::Status),
+}
+
+/// Run a server-streaming local call, reporting its messages in order.
+async fn run_stream(
+    stream: u32,
+    fut: super::StreamFuture,
+    tx: mpsc::UnboundedSender<(u32, Local)>,
+) {
+    let mut messages = match fut.await {
+        Ok(messages) => messages,
+        Err(status) => {
+            let _ = tx.send((stream, Local::Done(Err(status))));
+            return;
+        }
+    };
+    let _ = tx.send((stream, Local::Started));
+    while let Some(item) = messages.recv().await {
+        match item {
+            Ok(message) => {
+                if tx.send((stream, Local::Message(message))).is_err() {
+                    return;
+                }
+            }
+            Err(status) => {
+                let _ = tx.send((stream, Local::End(status)));
+                return;
+            }
+        }
+    }
+    let _ = tx.send((stream, Local::End(tonic::Status::ok(""))));
 }
 
 /// Connect to the runtime for `relay`.

@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 /// How long a new client has to send the HTTP/2 connection preface.
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A unary call the shim answers itself.
+/// A call the shim answers itself (its request is one message).
 #[derive(Debug)]
 pub struct LocalCall {
     /// The gRPC path, e.g. `/runtime.v1.RuntimeService/StartContainer`.
@@ -42,13 +42,29 @@ pub struct LocalCall {
 
 pub type CallFuture = Pin<Box<dyn Future<Output = Result<Bytes, tonic::Status>> + Send>>;
 
+/// The answer of a server-streaming call: each item a message, or the
+/// status that ends the stream; the stream also ends (OK) when the sender
+/// is dropped.
+pub type MessageStream = tokio::sync::mpsc::Receiver<Result<Bytes, tonic::Status>>;
+
+pub type StreamFuture = Pin<Box<dyn Future<Output = Result<MessageStream, tonic::Status>> + Send>>;
+
 /// Decides which calls the shim answers itself, and answers them.
 pub trait Interceptor: Send + Sync + 'static {
-    /// Whether calls to `method` (a gRPC path) are answered by [`Self::call`].
+    /// Whether calls to `method` (a gRPC path) are answered by the shim.
     /// Called for every request, so it must be cheap.
     fn intercepts(&self, method: &str) -> bool;
     /// Answer a call: the encoded response message, or a status.
     fn call(&self, call: LocalCall) -> CallFuture;
+    /// Whether an intercepted `method` is server-streaming: answered by
+    /// [`Self::call_stream`] instead of [`Self::call`].
+    fn streams(&self, _method: &str) -> bool {
+        false
+    }
+    /// Answer a server-streaming call: its messages, or a status at once.
+    fn call_stream(&self, _call: LocalCall) -> StreamFuture {
+        Box::pin(async { Err(tonic::Status::unimplemented("not a streaming method")) })
+    }
 }
 
 /// Forwards everything.

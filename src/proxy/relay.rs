@@ -74,6 +74,10 @@ const MAX_LOCAL_REQUEST: usize = 4 * 1024 * 1024;
 /// each is answered); beyond it further ones are refused.
 const MAX_LOCAL_BUFFERED: usize = 8 * 1024 * 1024;
 
+/// Messages of a server-streaming local call waiting for a client that does
+/// not read: beyond this the stream ends RESOURCE_EXHAUSTED.
+const MAX_LOCAL_STREAM_QUEUE: i64 = 1 << 20;
+
 /// Once this much is waiting to be written to a peer, the proxy stops
 /// queueing DATA for it and stops reading what would add to it.
 pub const OUT_HIGH: usize = 256 * 1024;
@@ -88,6 +92,11 @@ const CLOSED_MEMORY: usize = 256;
 pub enum Action {
     /// Run a local call and hand its result to [`Relay::local_result`].
     Call(u32, LocalCall),
+    /// Run a server-streaming local call: [`Relay::local_stream_started`],
+    /// then [`Relay::local_stream_message`] for each message and
+    /// [`Relay::local_stream_end`] (or [`Relay::local_result`] with an
+    /// error if it fails at once).
+    CallStream(u32, LocalCall),
     /// Drop the local call of this stream (the client reset it).
     Cancel(u32),
     /// Connect to the runtime: [`Relay::runtime_attached`] or
@@ -290,8 +299,13 @@ enum Route {
 }
 
 enum LocalPhase {
-    Receiving { headers: HeaderList, body: BytesMut },
+    Receiving {
+        headers: HeaderList,
+        body: BytesMut,
+    },
     Running,
+    /// A server-streaming answer under way: headers sent, messages flowing.
+    Streaming,
     Answered,
 }
 
@@ -537,6 +551,76 @@ impl Relay {
             debug!(rpc.method = &*stream.method, stream = id, code = ?status.code(), "local call failed");
         }
         self.answer(id, result);
+        self.flush();
+    }
+
+    /// A server-streaming local call answers: its response headers go out.
+    pub fn local_stream_started(&mut self, id: u32) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if !matches!(stream.route, Route::Local(LocalPhase::Running)) {
+            return;
+        }
+        stream.route = Route::Local(LocalPhase::Streaming);
+        stream
+            .down
+            .queue
+            .push_back(Item::Headers(grpc::response_headers(), false));
+        self.down_ready.push_back(id);
+        self.flush();
+    }
+
+    /// A message of a server-streaming local call.
+    pub fn local_stream_message(&mut self, id: u32, message: &[u8]) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if !matches!(stream.route, Route::Local(LocalPhase::Streaming)) {
+            return;
+        }
+        if stream.down.queued_data() > MAX_LOCAL_STREAM_QUEUE {
+            debug!(
+                rpc.method = &*stream.method,
+                stream = id,
+                "client does not read its stream"
+            );
+            self.actions.push(Action::Cancel(id));
+            self.local_stream_end(
+                id,
+                tonic::Status::resource_exhausted(
+                    "sidecar-shim: the client does not read the stream's messages",
+                ),
+            );
+            return;
+        }
+        stream
+            .down
+            .queue
+            .push_back(Item::Data(grpc::frame_message(message), false));
+        self.down_ready.push_back(id);
+        self.flush();
+    }
+
+    /// A server-streaming local call ends with `status` (OK or not).
+    pub fn local_stream_end(&mut self, id: u32, status: tonic::Status) {
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let started = match stream.route {
+            Route::Local(LocalPhase::Streaming) => true,
+            Route::Local(LocalPhase::Running) => false,
+            _ => return,
+        };
+        stream
+            .down
+            .queue
+            .push_back(Item::Headers(grpc::status_headers(&status, !started), true));
+        self.metrics
+            .call(&stream.method, status.code(), stream.started.elapsed());
+        stream.route = Route::Local(LocalPhase::Answered);
+        self.local_bytes -= std::mem::take(&mut stream.local_size);
+        self.down_ready.push_back(id);
         self.flush();
     }
 
@@ -1015,7 +1099,10 @@ impl Relay {
                     frame::put_rst_stream(&mut self.runtime_out, id, reason::CANCEL);
                 }
             }
-            if matches!(stream.route, Route::Local(LocalPhase::Running)) {
+            if matches!(
+                stream.route,
+                Route::Local(LocalPhase::Running | LocalPhase::Streaming)
+            ) {
                 self.actions.push(Action::Cancel(id));
             }
             self.drop_stream(id);
@@ -1129,7 +1216,9 @@ impl Relay {
                 Route::Relayed { up, rt_recv, .. } if up.sent && !rt_recv.ended => {
                     frame::put_rst_stream(&mut self.runtime_out, id, reason::CANCEL);
                 }
-                Route::Local(LocalPhase::Running) => self.actions.push(Action::Cancel(id)),
+                Route::Local(LocalPhase::Running | LocalPhase::Streaming) => {
+                    self.actions.push(Action::Cancel(id))
+                }
                 _ => {}
             }
             self.drop_stream(id);
@@ -1182,7 +1271,11 @@ impl Relay {
                     headers,
                     message,
                 };
-                self.actions.push(Action::Call(id, call));
+                if self.interceptor.streams(&call.method) {
+                    self.actions.push(Action::CallStream(id, call));
+                } else {
+                    self.actions.push(Action::Call(id, call));
+                }
             }
             Err(status) => self.answer(id, Err(status)),
         }

@@ -7,13 +7,17 @@ use super::*;
 use crate::proxy::CallFuture;
 
 const LOCAL: &str = "/test.Svc/Local";
+const WATCH: &str = "/test.Svc/Watch";
 const RELAYED: &str = "/runtime.v1.RuntimeService/Version";
 
 struct LocalOnly;
 
 impl Interceptor for LocalOnly {
     fn intercepts(&self, method: &str) -> bool {
-        method == LOCAL
+        method == LOCAL || method == WATCH
+    }
+    fn streams(&self, method: &str) -> bool {
+        method == WATCH
     }
     fn call(&self, _: LocalCall) -> CallFuture {
         unreachable!("the tests answer local calls themselves")
@@ -725,4 +729,81 @@ fn a_second_goaway_never_names_a_higher_stream() {
         })
         .collect();
     assert_eq!(lasts, vec![1, 1]);
+}
+
+/// A server-streaming local call: headers once it answers, a DATA frame a
+/// message, trailers with its final status; a client that stops reading
+/// ends it instead of filling the proxy's memory.
+#[test]
+fn streaming_local_calls_send_their_messages_as_they_come() {
+    let mut s = Setup::new();
+    let req = s.client.request(1, WATCH);
+    s.client_sends(req);
+    assert!(
+        matches!(s.relay.actions().as_slice(), [Action::CallStream(1, c)] if c.method == WATCH)
+    );
+    s.relay.local_stream_started(1);
+    for i in 0..3u8 {
+        s.relay.local_stream_message(1, &[i; 10]);
+    }
+    let down = s.client_reads();
+    assert!(
+        matches!(&down[0], F::Headers(1, h, false) if hpack::get(h, b":status") == Some(&b"200"[..])),
+        "{down:?}"
+    );
+    let messages: Vec<&F> = down[1..].iter().collect();
+    assert_eq!(messages.len(), 3, "{down:?}");
+    for (i, f) in messages.iter().enumerate() {
+        assert!(
+            matches!(f, F::Data(1, d, false) if d[5..] == [i as u8; 10]),
+            "{f:?}"
+        );
+    }
+    s.relay
+        .local_stream_end(1, tonic::Status::unavailable("runtime restarted"));
+    let down = s.client_reads();
+    assert!(
+        matches!(&down[..], [F::Headers(1, t, true)] if status(t) == Some("14") && hpack::get(t, b":status").is_none()),
+        "{down:?}"
+    );
+    assert!(s.relay.streams.is_empty());
+
+    // A client that never gives its window back: the stream ends, the
+    // call is cancelled.
+    let req = s.client.request(3, WATCH);
+    s.client_sends(req);
+    let _ = s.relay.actions();
+    s.relay.local_stream_started(3);
+    let big = vec![0u8; 16 * 1024];
+    for _ in 0..((MAX_LOCAL_STREAM_QUEUE as usize) / big.len() + 8) {
+        s.relay.local_stream_message(3, &big);
+    }
+    assert!(
+        s.relay
+            .actions()
+            .iter()
+            .any(|a| matches!(a, Action::Cancel(3))),
+        "the call is not cancelled"
+    );
+    let down = s.client_reads();
+    assert!(
+        down.iter().all(|f| !matches!(f, F::Headers(3, _, true))),
+        "the trailers wait behind the messages the window holds back"
+    );
+    let mut w = BytesMut::new();
+    window_update(&mut w, 0, 0x7fff_0000);
+    window_update(&mut w, 3, 0x7fff_0000);
+    s.client_sends(w);
+    let mut trailers = None;
+    for _ in 0..200 {
+        for f in s.client_reads() {
+            if let F::Headers(3, t, true) = f {
+                trailers = Some(t);
+            }
+        }
+        if trailers.is_some() {
+            break;
+        }
+    }
+    assert_eq!(trailers.as_ref().and_then(|t| status(t)), Some("8"));
 }
