@@ -31,7 +31,9 @@ use super::spec::{self, Defaults, PodSpec, ReadyCheck};
 use super::store::{self, Store, StoreHealth};
 use crate::failpoint;
 use crate::metrics::{Hold, Metrics};
-use crate::proxy::{CallFuture, Interceptor, LocalCall};
+use crate::proxy::{CallFuture, Interceptor, LocalCall, StreamFuture};
+
+mod events;
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
 
@@ -100,7 +102,12 @@ const INTERCEPTED: &[(&str, When)] = &[
     ("ContainerStatus", When::Rewrites),
     ("ListContainers", When::Rewrites),
     ("PodSandboxStatus", When::Rewrites),
+    // Server-streaming: answered from the shim's own subscription, see
+    // `events`.
+    ("GetContainerEvents", When::Always),
 ];
+
+const GET_CONTAINER_EVENTS: &str = "/runtime.v1.RuntimeService/GetContainerEvents";
 
 /// The lifecycle interceptor.
 #[derive(Clone)]
@@ -139,6 +146,8 @@ struct Inner {
     stop_pod_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Since when each held call is held (for the admin API).
     held_at: Mutex<HashMap<CallId, Instant>>,
+    /// The runtime's container events (see `events`).
+    events: events::Events,
     metrics: Arc<Metrics>,
 }
 
@@ -200,6 +209,7 @@ impl Lifecycle {
             reconciled_notify: Notify::new(),
             stop_pod_turns: Mutex::default(),
             held_at: Mutex::default(),
+            events: events::Events::default(),
             metrics,
         });
         inner.load_state();
@@ -229,6 +239,14 @@ impl Interceptor for Lifecycle {
             Some((_, When::Rewrites)) => self.inner.rewrites.load(Ordering::Relaxed),
             None => false,
         }
+    }
+
+    fn streams(&self, method: &str) -> bool {
+        method == GET_CONTAINER_EVENTS
+    }
+
+    fn call_stream(&self, _call: LocalCall) -> StreamFuture {
+        Box::pin(events::subscribe(self.inner.clone()))
     }
 
     fn call(&self, call: LocalCall) -> CallFuture {
@@ -1054,6 +1072,7 @@ async fn start_up(me: Arc<Inner>) {
         }
     }
     tokio::spawn(driver(me.clone()));
+    tokio::spawn(events::run(me.clone()));
     if me.store.is_some() {
         tokio::spawn(store_retry(me.clone()));
     }
@@ -1242,9 +1261,12 @@ async fn driver(me: Arc<Inner>) {
                 tokio::spawn(probe_loop(me.clone(), container, pod));
             }
         }
-        for container in watched {
-            if lock(&me.probing).insert(format!("watch:{container}")) {
-                tokio::spawn(watch_loop(me.clone(), container));
+        // Exits are polled only while the runtime's events do not come.
+        if !me.events.live() {
+            for container in watched {
+                if lock(&me.probing).insert(format!("watch:{container}")) {
+                    tokio::spawn(watch_loop(me.clone(), container));
+                }
             }
         }
         let now = Instant::now();
@@ -1342,7 +1364,7 @@ async fn probe_loop(me: Arc<Inner>, container: String, pod: String) {
 async fn watch_loop(me: Arc<Inner>, container: String) {
     let key = format!("watch:{container}");
     loop {
-        if !lock(&me.machine).is_watched(&container) {
+        if !lock(&me.machine).is_watched(&container) || me.events.live() {
             break;
         }
         me.observe_exit(&container).await;

@@ -1,0 +1,263 @@
+//! Container events from the runtime (CRI `GetContainerEvents`, answered by
+//! containerd 1.7 and later; 1.6 answers UNIMPLEMENTED).
+//!
+//! The shim holds one subscription. While it runs, container exits come
+//! from it as they happen and nothing is polled; the exits the lifecycle
+//! waits for are otherwise polled every 100 ms ([`super::watch_loop`]). The
+//! runtime sends its first response headers only with its first event, so
+//! a subscription that has not failed within [`SETTLE`] is taken as
+//! established; then every watched container is read once, so that an exit
+//! between the last poll and the subscription is not missed. When the
+//! stream breaks, polling takes over again at once and the subscription is
+//! made again with backoff (and read once more when it is back).
+//!
+//! Clients that subscribe through the shim (kubelet with the `EventedPLEG`
+//! gate) get the same events from that one subscription, with the container
+//! statuses rewritten as everywhere else (a deferred app reads RUNNING, a
+//! sidecar the shim stopped exit 0 `Completed`): relayed as they were, they
+//! would show a deferred app CREATED and kubelet would create it again.
+//! It also has to be one subscription: containerd 1.7 hands each event to
+//! one of its subscribers only. On a runtime without events, clients get
+//! the runtime's own UNIMPLEMENTED; when the shim's subscription breaks,
+//! theirs end UNAVAILABLE (as a direct one would when the runtime goes) and
+//! they subscribe again.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use k8s_cri::v1 as cri;
+use prost::Message;
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::{lock, unreachable, Event, Inner};
+use crate::proxy::MessageStream;
+
+/// How long a subscription must stand without an error to count as
+/// established.
+const SETTLE: Duration = Duration::from_millis(500);
+/// Backoff of a subscription that failed, doubled up to the maximum.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Events kept for a client that reads slowly; one that falls further
+/// behind has its stream ended (it subscribes again).
+const CLIENT_BACKLOG: usize = 1024;
+/// How long a client's subscription waits for the shim's to be there.
+const CLIENT_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether the runtime streams events, once known.
+#[derive(Clone, Debug)]
+enum Support {
+    Unknown,
+    Streams,
+    /// The runtime's own answer (UNIMPLEMENTED), for the clients that ask.
+    Unsupported(tonic::Status),
+}
+
+pub(super) struct Events {
+    /// The subscription runs: exits come from it, nothing is polled.
+    live: AtomicBool,
+    support: watch::Sender<Support>,
+    /// Events for the clients' subscriptions, while the shim's runs.
+    feed: Mutex<Option<broadcast::Sender<Arc<cri::ContainerEventResponse>>>>,
+    /// Tells waiting clients that a feed is there.
+    feed_changed: watch::Sender<u64>,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            live: AtomicBool::new(false),
+            support: watch::channel(Support::Unknown).0,
+            feed: Mutex::new(None),
+            feed_changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl Events {
+    /// Exits come from the subscription (the watch loops stand down).
+    pub(super) fn live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+}
+
+/// The shim's subscription, for as long as the shim runs (or until the
+/// runtime says it has no events).
+pub(super) async fn run(me: Arc<Inner>) {
+    let mut backoff = RETRY_MIN;
+    let mut failures = 0u32;
+    loop {
+        let mut rt = me.runtime.clone();
+        let call = rt.get_container_events(cri::GetEventsRequest {});
+        tokio::pin!(call);
+        let answer = tokio::select! {
+            r = &mut call => r,
+            _ = tokio::time::sleep(SETTLE) => {
+                // No error by now: the runtime took the subscription and
+                // waits for an event to send (with its first headers).
+                up(&me).await;
+                (&mut call).await
+            }
+        };
+        let mut stream = match answer {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                info!(
+                    detail = s.message(),
+                    "the runtime does not stream container events (GetContainerEvents is UNIMPLEMENTED): exits are polled"
+                );
+                me.events.support.send_replace(Support::Unsupported(s));
+                down(&me, None);
+                return;
+            }
+            Err(s) => {
+                down(&me, Some(&s));
+                failures += 1;
+                if failures == 1 || !unreachable(&s) {
+                    warn!(error = %s, "cannot subscribe to the runtime's container events; polling exits, trying again");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        up(&me).await;
+        backoff = RETRY_MIN;
+        failures = 0;
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(event)) => handle(&me, event).await,
+                Ok(None) => break None,
+                Err(s) => break Some(s),
+            }
+        };
+        down(&me, ended.as_ref());
+        warn!(
+            error = ended.as_ref().map(|s| s.to_string()),
+            "the runtime's container event stream ended; polling exits until it is back"
+        );
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// The subscription stands: exits come from it from now on. Every watched
+/// container is read once, for an exit the polling had not seen yet.
+async fn up(me: &Arc<Inner>) {
+    if me.events.live.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    me.events.support.send_replace(Support::Streams);
+    let (tx, _) = broadcast::channel(CLIENT_BACKLOG);
+    *lock(&me.events.feed) = Some(tx);
+    me.events.feed_changed.send_modify(|n| *n += 1);
+    info!("subscribed to the runtime's container events: exits are no longer polled");
+    let watched = lock(&me.machine).watched();
+    for container in watched {
+        me.observe_exit(&container).await;
+    }
+}
+
+/// The subscription is gone (`why`: the error, if any): polling takes over,
+/// and the clients' subscriptions end.
+fn down(me: &Arc<Inner>, why: Option<&tonic::Status>) {
+    let was = me.events.live.swap(false, Ordering::AcqRel);
+    lock(&me.events.feed).take();
+    if was {
+        debug!(
+            error = why.map(|s| s.to_string()),
+            "container event subscription down"
+        );
+    }
+    me.wake.notify_one();
+}
+
+/// One event from the runtime.
+async fn handle(me: &Arc<Inner>, event: cri::ContainerEventResponse) {
+    let stopped = event.container_event_type == cri::ContainerEventType::ContainerStoppedEvent as i32;
+    let id = event.container_id.clone();
+    let code = event
+        .containers_statuses
+        .iter()
+        .find(|s| s.id == id)
+        .filter(|s| s.state == cri::ContainerState::ContainerExited as i32)
+        .map(|s| s.exit_code);
+    if let Some(feed) = lock(&me.events.feed).as_ref() {
+        // No receiver: no client subscribed; nothing to do.
+        let _ = feed.send(Arc::new(event));
+    }
+    if stopped && lock(&me.machine).is_watched(&id) {
+        match code {
+            Some(code) => me.feed(Event::Exited {
+                container: id,
+                code,
+            }),
+            // The event did not carry the container's status: ask.
+            None => me.observe_exit(&id).await,
+        }
+    }
+}
+
+/// A client's GetContainerEvents: the shim's events, statuses rewritten.
+pub(super) async fn subscribe(me: Arc<Inner>) -> Result<MessageStream, tonic::Status> {
+    let mut support = me.events.support.subscribe();
+    let known = tokio::time::timeout(CLIENT_WAIT, async {
+        support
+            .wait_for(|s| !matches!(s, Support::Unknown))
+            .await
+            .map(|s| s.clone())
+    })
+    .await;
+    let Ok(Ok(known)) = known else {
+        return Err(tonic::Status::unavailable(
+            "sidecar-shim: the container runtime's event stream is not there yet",
+        ));
+    };
+    if let Support::Unsupported(status) = known {
+        return Err(status);
+    }
+    let mut changed = me.events.feed_changed.subscribe();
+    let mut events = tokio::time::timeout(CLIENT_WAIT, async {
+        loop {
+            if let Some(feed) = lock(&me.events.feed).as_ref() {
+                return Some(feed.subscribe());
+            }
+            if changed.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+    .ok_or_else(|| {
+        tonic::Status::unavailable("sidecar-shim: the container runtime's event stream is down")
+    })?;
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let item = match events.recv().await {
+                Ok(event) => {
+                    let mut event = (*event).clone();
+                    for status in &mut event.containers_statuses {
+                        me.patch_status(status);
+                    }
+                    Ok(Bytes::from(event.encode_to_vec()))
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => Err(tonic::Status::resource_exhausted(
+                    format!("sidecar-shim: the subscriber fell {n} container events behind"),
+                )),
+                Err(broadcast::error::RecvError::Closed) => Err(tonic::Status::unavailable(
+                    "sidecar-shim: the container runtime's event stream ended",
+                )),
+            };
+            let end = item.is_err();
+            if tx.send(item).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
