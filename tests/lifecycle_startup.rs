@@ -1078,6 +1078,8 @@ async fn check_retry_went_through(env: &Env, pod: &PodHandle, dir: &Path) -> Res
             "attempt {id} ran in containerd: {t:?}"
         );
     }
+    pod.wait_answered("StartContainer", Some("app"), TIMEOUT)
+        .await?;
     let starts = pod.calls_of("StartContainer", Some("app"));
     for c in &starts {
         if c.id.as_deref() == Some(ok_id.as_str()) {

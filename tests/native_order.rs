@@ -246,18 +246,8 @@ async fn sidecar_started_first_is_ready_before_the_app_and_stopped_after_it() ->
         diag(&pod)
     );
     // Held, not failed: kubelet's one StartContainer of the app succeeded.
-    // containerd shows the app running some milliseconds before its answer
-    // to that call is back through the shim: wait for it.
-    wait_for(
-        TIMEOUT,
-        "the app's StartContainer to be answered",
-        || async {
-            pod.calls_of("StartContainer", Some("app"))
-                .iter()
-                .all(|c| !c.in_flight())
-        },
-    )
-    .await?;
+    pod.wait_answered("StartContainer", Some("app"), TIMEOUT)
+        .await?;
     let starts = pod.calls_of("StartContainer", Some("app"));
     ensure!(
         starts.len() == 1 && starts[0].ok(),
