@@ -31,6 +31,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// File name of the admin socket when `admin_listen` is not set: it lives
 /// next to the CRI socket (`/run/sidecar-shim/admin.sock` by default).
 pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
+/// Default cap on client connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Where `sidecar-shim status` looks without `--admin` or `--config`.
 pub const DEFAULT_ADMIN_LISTEN: &str = "/run/sidecar-shim/admin.sock";
 
@@ -45,6 +47,7 @@ Config file (TOML), all keys optional:
     drain_timeout = \"10s\"        # e.g. \"500ms\", \"2m\", \"1m30s\"
     state_dir = \"/var/lib/sidecar-shim\"
     metrics_listen = \"127.0.0.1:9464\"  # off when unset
+    max_connections = 1024       # client connections at once; more are refused
 Unknown keys are an error.
 
 Logging: the log filter is read from the RUST_LOG environment variable
@@ -102,6 +105,10 @@ pub struct Cli {
     /// picks a free one). Unauthenticated: give a loopback or node-local address [default: off]
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_listen)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Client connections served at once (each holds one connection to the runtime);
+    /// beyond it new connections are refused with GOAWAY and a log line [default: 1024]
+    #[arg(long, value_name = "N", value_parser = parse_max_connections)]
+    pub max_connections: Option<usize>,
 }
 
 /// The commands besides running the daemon.
@@ -209,6 +216,8 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     #[serde(default, deserialize_with = "de_metrics_listen")]
     pub metrics_listen: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "de_max_connections")]
+    pub max_connections: Option<usize>,
     /// The `[lifecycle]` table.
     #[serde(default)]
     pub lifecycle: LifecycleFile,
@@ -376,6 +385,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Where to serve Prometheus metrics; `None`: nowhere (no metrics kept).
     pub metrics_listen: Option<SocketAddr>,
+    /// Client connections served at once.
+    pub max_connections: usize,
     pub lifecycle: LifecycleConfig,
 }
 
@@ -390,6 +401,7 @@ impl Default for Config {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             metrics_listen: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             lifecycle: LifecycleConfig::default(),
         }
     }
@@ -428,6 +440,11 @@ impl Config {
             ),
             state_dir: pick(cli.state_dir.clone(), file.state_dir, defaults.state_dir),
             metrics_listen: cli.metrics_listen.or(file.metrics_listen),
+            max_connections: pick(
+                cli.max_connections,
+                file.max_connections,
+                defaults.max_connections,
+            ),
             lifecycle: LifecycleConfig::merge(file.lifecycle),
         };
         if let Err(reason) =
@@ -502,6 +519,8 @@ pub enum ConfigError {
     InvalidDuration { value: String, reason: String },
     #[error("invalid metrics listen address {0:?}: expected IP:PORT, such as 127.0.0.1:9464 or [::1]:9464 (an IP address, not a host name)")]
     InvalidMetricsListen(String),
+    #[error("invalid max_connections {0:?}: expected a whole number from 1 to 65536")]
+    InvalidMaxConnections(String),
     #[error("listen path {} is not absolute", .0.display())]
     RelativeListen(PathBuf),
     #[error("listen path {} is the runtime's own socket; the shim would proxy to itself", .0.display())]
@@ -618,6 +637,21 @@ pub fn parse_metrics_listen(input: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| ConfigError::InvalidMetricsListen(input.to_owned()))
 }
 
+/// Parses `max_connections`: 1 to 65536.
+pub fn parse_max_connections(input: &str) -> Result<usize, ConfigError> {
+    match input.trim().parse::<usize>() {
+        Ok(n) if (1..=65536).contains(&n) => Ok(n),
+        _ => Err(ConfigError::InvalidMaxConnections(input.to_owned())),
+    }
+}
+
+fn de_max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let n = u64::deserialize(d)?;
+    parse_max_connections(&n.to_string())
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn de_metrics_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
     let s = String::deserialize(d)?;
     parse_metrics_listen(&s)
@@ -697,6 +731,7 @@ mod tests {
                     drain_timeout: Duration::from_secs(10),
                     state_dir: "/var/lib/sidecar-shim".into(),
                     metrics_listen: None,
+                    max_connections: DEFAULT_MAX_CONNECTIONS,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -713,6 +748,7 @@ mod tests {
                     drain_timeout: Duration::from_secs(90),
                     state_dir: "/var/lib/sidecar-shim".into(),
                     metrics_listen: None,
+                    max_connections: DEFAULT_MAX_CONNECTIONS,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -746,6 +782,7 @@ mod tests {
                     drain_timeout: Duration::from_secs(120),
                     state_dir: "/var/lib/sidecar-shim".into(),
                     metrics_listen: None,
+                    max_connections: DEFAULT_MAX_CONNECTIONS,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -767,6 +804,7 @@ mod tests {
                     drain_timeout: Duration::ZERO,
                     state_dir: "/var/lib/sidecar-shim".into(),
                     metrics_listen: None,
+                    max_connections: DEFAULT_MAX_CONNECTIONS,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -792,6 +830,7 @@ mod tests {
                     drain_timeout: Duration::from_secs(3),
                     state_dir: "/var/lib/sidecar-shim".into(),
                     metrics_listen: None,
+                    max_connections: DEFAULT_MAX_CONNECTIONS,
                     lifecycle: LifecycleConfig::default(),
                 },
             ),
@@ -848,6 +887,29 @@ mod tests {
             let err = Config::merge(&cli(&flags), None).expect_err(name);
             assert!(err.to_string().contains(want), "case {name}: {err}");
         }
+    }
+
+    #[test]
+    fn max_connections_from_flag_or_file() {
+        let cases = [
+            (vec![], None, DEFAULT_MAX_CONNECTIONS),
+            (vec![], Some("max_connections = 64"), 64),
+            (
+                vec!["--max-connections", "8"],
+                Some("max_connections = 64"),
+                8,
+            ),
+        ];
+        for (flags, text, want) in cases {
+            let config = Config::merge(&cli(&flags), text.map(file)).unwrap();
+            assert_eq!(config.max_connections, want, "{flags:?} {text:?}");
+        }
+        for bad in ["0", "-1", "65537", "many", ""] {
+            let msg = parse_max_connections(bad).unwrap_err().to_string();
+            assert!(msg.contains("max_connections"), "{bad:?}: {msg}");
+        }
+        let err = FileConfig::parse("max_connections = 0", Path::new("f.toml")).unwrap_err();
+        assert!(err.to_string().contains("max_connections"), "{err}");
     }
 
     #[test]

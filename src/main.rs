@@ -43,6 +43,7 @@ fn main() -> ExitCode {
         drain_timeout = ?config.drain_timeout,
         state_dir = %config.state_dir.display(),
         metrics_listen = config.metrics_listen.map(|a| a.to_string()),
+        max_connections = config.max_connections,
         "starting with effective configuration"
     );
 
@@ -125,7 +126,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             shutdown.await;
             sidecar_shim::notify::stopping();
         },
-        config.drain_timeout,
+        proxy::Options {
+            drain: config.drain_timeout,
+            max_connections: config.max_connections,
+        },
     )
     .await
     .context("CRI proxy failed");

@@ -10,13 +10,14 @@ mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{ExecSyncRequest, VersionRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tonic::transport::Channel;
 
+use support::h2raw::*;
 use support::*;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -25,129 +26,13 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// count.
 const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
-// ---------------------------------------------------------------------------
-// Raw HTTP/2
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const COMPRESSION_ERROR: u32 = 0x9;
-
-/// One frame: 3-byte length, type, flags, 4-byte stream id, payload.
-fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len();
-    assert!(len < 1 << 24);
-    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
-    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// An HPACK integer with an N-bit prefix (RFC 7541 5.1); `first` holds the
-/// bits above the prefix.
-fn hpack_int(out: &mut Vec<u8>, first: u8, prefix_bits: u32, mut value: usize) {
-    let max = (1usize << prefix_bits) - 1;
-    if value < max {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    out.push(value as u8);
-}
-
-/// A literal header field without indexing, new name, no Huffman coding
-/// (RFC 7541 6.2.2).
-fn literal(out: &mut Vec<u8>, name: &str, value: &str) {
-    out.push(0);
-    hpack_int(out, 0, 7, name.len());
-    out.extend_from_slice(name.as_bytes());
-    hpack_int(out, 0, 7, value.len());
-    out.extend_from_slice(value.as_bytes());
-}
-
-/// The header block of a gRPC request to `path`.
-fn request_block(path: &str) -> Vec<u8> {
-    let mut block = Vec::new();
-    for (name, value) in [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", path),
-        (":authority", "localhost"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ] {
-        literal(&mut block, name, value);
-    }
-    block
-}
-
-/// A message in gRPC's length-prefixed framing.
-fn grpc_message(message: &impl prost::Message) -> Vec<u8> {
-    let bytes = message.encode_to_vec();
-    let mut out = vec![0];
-    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_be_bytes());
-    out.extend_from_slice(&bytes);
-    out
-}
-
-#[derive(Debug)]
-struct Frame {
-    ty: u8,
-    flags: u8,
-    stream: u32,
-    payload: Vec<u8>,
-}
-
-/// The complete frames in `buf` (a trailing partial frame is left out).
-fn parse_frames(mut buf: &[u8]) -> Vec<Frame> {
-    let mut frames = Vec::new();
-    while buf.len() >= 9 {
-        let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-        if buf.len() < 9 + len {
-            break;
-        }
-        frames.push(Frame {
-            ty: buf[3],
-            flags: buf[4],
-            stream: u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff,
-            payload: buf[9..9 + len].to_vec(),
-        });
-        buf = &buf[9 + len..];
-    }
-    frames
-}
-
-/// Read until the shim closes the connection (EOF or a reset), for at most
-/// `timeout`. Returns what was received and how the connection ended.
-async fn read_until_closed(
-    stream: &mut UnixStream,
-    timeout: Duration,
-) -> Result<(Vec<u8>, String)> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut received = Vec::new();
-    loop {
-        let mut chunk = [0u8; 16 * 1024];
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Err(_) => bail!(
-                "the connection is still open after {timeout:?}; received {} bytes: {:?}",
-                received.len(),
-                parse_frames(&received)
-            ),
-            Ok(Ok(0)) => return Ok((received, "EOF".into())),
-            Ok(Ok(n)) => received.extend_from_slice(&chunk[..n]),
-            Ok(Err(e)) => return Ok((received, format!("read error: {e}"))),
-        }
-    }
-}
+const DATA: u8 = ty::DATA;
+const HEADERS: u8 = ty::HEADERS;
+const SETTINGS: u8 = ty::SETTINGS;
+const GOAWAY: u8 = ty::GOAWAY;
+const END_STREAM: u8 = flags::END_STREAM;
+const END_HEADERS: u8 = flags::END_HEADERS;
+const COMPRESSION_ERROR: u32 = code::COMPRESSION_ERROR;
 
 // ---------------------------------------------------------------------------
 // Setup and checks

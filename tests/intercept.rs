@@ -96,7 +96,10 @@ async fn harness() -> Harness {
         async move {
             let _ = rx.await;
         },
-        Duration::from_secs(1),
+        proxy::Options {
+            drain: Duration::from_secs(1),
+            ..proxy::Options::default()
+        },
     ));
     Harness {
         containerd,

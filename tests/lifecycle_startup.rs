@@ -1078,8 +1078,21 @@ async fn check_retry_went_through(env: &Env, pod: &PodHandle, dir: &Path) -> Res
             "attempt {id} ran in containerd: {t:?}"
         );
     }
-    pod.wait_answered("StartContainer", Some("app"), TIMEOUT)
-        .await?;
+    // containerd runs the app a moment before kubelet hears the answer.
+    wait_for(
+        TIMEOUT,
+        "the start that went through to be answered",
+        || {
+            let ok_id = ok_id.clone();
+            async move {
+                pod.calls_of("StartContainer", Some("app"))
+                    .iter()
+                    .any(|c| c.id.as_deref() == Some(ok_id.as_str()) && c.end.is_some())
+            }
+        },
+    )
+    .await
+    .with_context(|| env.diag(pod))?;
     let starts = pod.calls_of("StartContainer", Some("app"));
     for c in &starts {
         if c.id.as_deref() == Some(ok_id.as_str()) {

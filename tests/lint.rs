@@ -8,7 +8,8 @@
 //!   (what `hack/install-deps` installs), run with node;
 //! * shellcheck on every shell script under hack/;
 //! * kubernetes-validate (bundled schemas, no network) on
-//!   `hack/kind/manifests/*`, strict, against Kubernetes 1.29.
+//!   `hack/kind/manifests/*` and `hack/cluster-manifests/*` (hack/cluster's
+//!   demo and tests/e2e_cluster.rs), strict, against Kubernetes 1.29.
 //!
 //! `hack/install-deps` installs the tools; a missing tool fails its test with
 //! a message naming it.
@@ -104,7 +105,12 @@ fn yamllint() {
         "yamllint",
         Command::new("yamllint")
             .args(["--strict", "--config-file", ".yamllint.yaml"])
-            .args([".yamllint.yaml", ".github/workflows", "hack/kind"]),
+            .args([
+                ".yamllint.yaml",
+                ".github/workflows",
+                "hack/kind",
+                "hack/cluster-manifests",
+            ]),
     );
 }
 
@@ -187,7 +193,8 @@ fn shellcheck() {
 #[test]
 fn kubernetes_validate() {
     require("kubernetes-validate", "pip install kubernetes-validate");
-    let manifests = files("hack/kind/manifests", &[".yaml", ".yml"]);
+    let mut manifests = files("hack/kind/manifests", &[".yaml", ".yml"]);
+    manifests.extend(files("hack/cluster-manifests", &[".yaml", ".yml"]));
     run(
         "kubernetes-validate",
         Command::new("kubernetes-validate")

@@ -22,6 +22,9 @@ pub const MAX_FRAME_LIMIT: usize = (1 << 24) - 1;
 /// The initial flow-control window of connections and streams (RFC 9113 §6.9.2).
 pub const DEFAULT_WINDOW: i64 = 65_535;
 
+/// The largest flow-control window (RFC 9113 §6.9.1).
+pub const MAX_WINDOW: i64 = (1 << 31) - 1;
+
 pub mod kind {
     pub const DATA: u8 = 0x0;
     pub const HEADERS: u8 = 0x1;
@@ -49,15 +52,42 @@ pub mod reason {
     pub const PROTOCOL_ERROR: u32 = 0x1;
     pub const INTERNAL_ERROR: u32 = 0x2;
     pub const FLOW_CONTROL_ERROR: u32 = 0x3;
+    pub const STREAM_CLOSED: u32 = 0x5;
+    pub const FRAME_SIZE_ERROR: u32 = 0x6;
     pub const REFUSED_STREAM: u32 = 0x7;
     pub const CANCEL: u32 = 0x8;
     pub const COMPRESSION_ERROR: u32 = 0x9;
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+    /// The code's name, for logs.
+    pub fn name(code: u32) -> &'static str {
+        match code {
+            NO_ERROR => "NO_ERROR",
+            PROTOCOL_ERROR => "PROTOCOL_ERROR",
+            INTERNAL_ERROR => "INTERNAL_ERROR",
+            FLOW_CONTROL_ERROR => "FLOW_CONTROL_ERROR",
+            0x4 => "SETTINGS_TIMEOUT",
+            STREAM_CLOSED => "STREAM_CLOSED",
+            FRAME_SIZE_ERROR => "FRAME_SIZE_ERROR",
+            REFUSED_STREAM => "REFUSED_STREAM",
+            CANCEL => "CANCEL",
+            COMPRESSION_ERROR => "COMPRESSION_ERROR",
+            0xa => "CONNECT_ERROR",
+            ENHANCE_YOUR_CALM => "ENHANCE_YOUR_CALM",
+            0xc => "INADEQUATE_SECURITY",
+            0xd => "HTTP_1_1_REQUIRED",
+            _ => "unknown",
+        }
+    }
 }
 
 pub mod setting {
     pub const HEADER_TABLE_SIZE: u16 = 0x1;
+    pub const ENABLE_PUSH: u16 = 0x2;
+    pub const MAX_CONCURRENT_STREAMS: u16 = 0x3;
     pub const INITIAL_WINDOW_SIZE: u16 = 0x4;
     pub const MAX_FRAME_SIZE: u16 = 0x5;
+    pub const MAX_HEADER_LIST_SIZE: u16 = 0x6;
 }
 
 /// A parsed frame header.

@@ -4,7 +4,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::hpack;
+use super::hpack::{self, HeaderList};
 
 /// Split a complete unary request body into its single message.
 pub fn unary_message(body: &[u8]) -> Result<Bytes, tonic::Status> {
@@ -37,34 +37,35 @@ pub fn frame_message(message: &[u8]) -> Bytes {
 }
 
 /// Response headers of a successful call.
-pub fn response_headers() -> BytesMut {
-    let mut out = BytesMut::new();
-    hpack::encode(
-        &mut out,
-        [
-            (&b":status"[..], &b"200"[..]),
-            (b"content-type", b"application/grpc"),
-        ],
-    );
-    out
+pub fn response_headers() -> HeaderList {
+    vec![
+        (b":status".to_vec(), b"200".to_vec()),
+        (b"content-type".to_vec(), b"application/grpc".to_vec()),
+    ]
 }
 
-/// Trailers carrying a status; with `trailers_only` the block also carries
+/// Trailers carrying a status; with `trailers_only` the list also carries
 /// the response headers (a "Trailers-Only" response).
-pub fn status_block(status: &tonic::Status, trailers_only: bool) -> BytesMut {
+pub fn status_headers(status: &tonic::Status, trailers_only: bool) -> HeaderList {
     let mut out = if trailers_only {
         response_headers()
     } else {
-        BytesMut::new()
+        Vec::new()
     };
-    let code = (status.code() as i32).to_string();
+    out.push((
+        b"grpc-status".to_vec(),
+        (status.code() as i32).to_string().into_bytes(),
+    ));
     let message = percent_encode(status.message());
-    let mut fields: Vec<(&[u8], &[u8])> = vec![(b"grpc-status", code.as_bytes())];
     if !message.is_empty() {
-        fields.push((b"grpc-message", message.as_bytes()));
+        out.push((b"grpc-message".to_vec(), message.into_bytes()));
     }
-    hpack::encode(&mut out, fields);
     out
+}
+
+/// The `grpc-status` of a header list, if it has one.
+pub fn status_of(headers: &HeaderList) -> Option<tonic::Code> {
+    hpack::get(headers, b"grpc-status").map(tonic::Code::from_bytes)
 }
 
 /// grpc-message is percent-encoded: printable ASCII except '%' is sent as is.
@@ -120,10 +121,9 @@ mod tests {
     }
 
     #[test]
-    fn status_block_is_decodable() {
+    fn status_headers_carry_code_and_encoded_message() {
         let st = tonic::Status::unavailable("runtime down: 100% gone\n");
-        let block = status_block(&st, true);
-        let list = hpack::Decoder::default().decode(&block).unwrap();
+        let list = status_headers(&st, true);
         assert_eq!(hpack::get(&list, b":status"), Some(&b"200"[..]));
         assert_eq!(hpack::get(&list, b"grpc-status"), Some(&b"14"[..]));
         assert_eq!(

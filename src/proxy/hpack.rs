@@ -1,13 +1,10 @@
-//! Header blocks: decoding what clients send (HPACK, RFC 7541) and, with
-//! metrics on, what the runtime answers; encoding what the proxy sends.
+//! Header blocks (HPACK, RFC 7541), one decoder and one encoder per hop.
 //!
-//! The proxy re-encodes every request header block it forwards, and encodes
-//! the responses it answers itself, using only literal representations that
-//! never touch a dynamic table. That keeps HPACK state trivially in sync: the
-//! runtime's decoder never sees an indexed entry it does not know (even though
-//! the proxy keeps some client streams to itself), and the client's decoder,
-//! whose table the runtime's encoder owns, is never disturbed by a block the
-//! proxy injects.
+//! The proxy decodes every header block it receives, from the client and
+//! from the runtime, and encodes every block it sends with its own encoder
+//! for that peer (see [`super::relay`]): the two hops never share HPACK
+//! state, so the proxy can answer calls itself, refuse streams or drop a
+//! runtime's block without desynchronising anyone's dynamic table.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -33,18 +30,34 @@ pub enum DecodeError {
     LateSizeUpdate,
 }
 
-/// The most table memory a client may make the decoder keep. The encoder may
-/// only grow its table to the receiver's SETTINGS_HEADER_TABLE_SIZE (the
-/// runtime's is 4096 by default); allow generous headroom rather than
-/// tracking that setting exactly.
-const MAX_DECODER_TABLE: usize = 1 << 16;
+/// The dynamic table size every HTTP/2 peer starts with
+/// (SETTINGS_HEADER_TABLE_SIZE), and the largest the proxy uses or allows.
+pub const DEFAULT_TABLE: usize = 4096;
+
+/// A decoded header block.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Decoded {
+    /// The fields, in wire order; empty once `size` passed the limit.
+    pub fields: HeaderList,
+    /// The block's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC
+    /// 9113 §6.5.2: name, value and 32 octets a field).
+    pub size: usize,
+    /// `size` passed the limit given to [`Decoder::decode_limited`]: the
+    /// fields were not kept (the block was still decoded to the end, so the
+    /// dynamic table stays in step with the peer's encoder).
+    pub too_large: bool,
+}
 
 /// Decodes one direction of a connection's header blocks (RFC 7541).
 pub struct Decoder {
     /// Newest first, as HPACK indexes it.
     table: VecDeque<(Vec<u8>, Vec<u8>)>,
     size: usize,
+    /// The table size the peer's encoder currently uses.
     max: usize,
+    /// The most the peer may set it to: what the proxy advertised as its
+    /// SETTINGS_HEADER_TABLE_SIZE.
+    allowed: usize,
 }
 
 impl Default for Decoder {
@@ -53,6 +66,7 @@ impl Default for Decoder {
             table: VecDeque::new(),
             size: 0,
             max: DEFAULT_TABLE,
+            allowed: DEFAULT_TABLE,
         }
     }
 }
@@ -60,17 +74,32 @@ impl Default for Decoder {
 impl Decoder {
     /// Decode a complete header block (HEADERS plus CONTINUATION fragments).
     pub fn decode(&mut self, block: &[u8]) -> Result<HeaderList, DecodeError> {
-        let mut list = Vec::with_capacity(10);
+        Ok(self.decode_limited(block, usize::MAX)?.fields)
+    }
+
+    /// Decode a complete header block, keeping its fields only while their
+    /// size stays within `limit`.
+    pub fn decode_limited(&mut self, block: &[u8], limit: usize) -> Result<Decoded, DecodeError> {
+        let mut out = Decoded {
+            fields: Vec::with_capacity(10),
+            ..Decoded::default()
+        };
         self.visit(block, |name, value| {
-            list.push((name.to_vec(), value.to_vec()))
+            out.size = out.size.saturating_add(name.len() + value.len() + 32);
+            if out.size > limit {
+                if !out.too_large {
+                    out.too_large = true;
+                    out.fields = Vec::new();
+                }
+            } else {
+                out.fields.push((name.to_vec(), value.to_vec()));
+            }
         })?;
-        Ok(list)
+        Ok(out)
     }
 
     /// Decode a complete header block, handing each field to `field` in
-    /// order instead of collecting them (no copies of fields the table
-    /// already holds). Used to follow a direction whose fields are only
-    /// looked at, never forwarded.
+    /// order instead of collecting them.
     pub fn visit(
         &mut self,
         block: &[u8],
@@ -87,13 +116,14 @@ impl Decoder {
                 let (name, value) = self.entry(index)?;
                 field(name, value);
             } else if b & 0xe0 == 0x20 {
-                // Dynamic table size update (§6.3): only before the first field.
+                // Dynamic table size update (§6.3): only before the first
+                // field, and never above what the proxy advertised.
                 if fields > 0 {
                     return Err(DecodeError::LateSizeUpdate);
                 }
                 let (size, n) = integer(&block[at..], 5)?;
                 at += n;
-                if size > MAX_DECODER_TABLE {
+                if size > self.allowed {
                     return Err(DecodeError::TableTooLarge(size));
                 }
                 self.max = size;
@@ -189,6 +219,13 @@ fn string(buf: &[u8]) -> Result<(Cow<'_, [u8]>, usize), DecodeError> {
         let mut out = Vec::with_capacity(len * 8 / 5 + 1);
         httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FourBits)
             .map_err(|_| DecodeError::Huffman)?;
+        // Every valid Huffman string is the one encoding of what it decodes
+        // to (padded with at most 7 bits of the EOS code, all ones, RFC 7541
+        // §5.2); the decoder above lets zero padding through, so compare.
+        let mut again = Vec::with_capacity(len);
+        if httlib_huffman::encode(&out, &mut again).is_err() || again != raw {
+            return Err(DecodeError::Huffman);
+        }
         Cow::Owned(out)
     } else {
         Cow::Borrowed(raw)
@@ -196,41 +233,55 @@ fn string(buf: &[u8]) -> Result<(Cow<'_, [u8]>, usize), DecodeError> {
     Ok((value, n + len))
 }
 
-/// The dynamic table size every HTTP/2 peer starts with (SETTINGS_HEADER_TABLE_SIZE).
-pub const DEFAULT_TABLE: usize = 4096;
-
-/// Encodes one direction of a connection's header blocks toward a peer
-/// whose table size is the default. Repeated fields (the method path,
-/// content type, user agent of a CRI client's calls) become one-byte table
-/// references, which spares the runtime's decoder literal strings on every
-/// call. The proxy is the only encoder toward that peer on its connection, so
-/// the table here mirrors the peer's decoder exactly.
-#[derive(Default)]
+/// Encodes one direction of a connection's header blocks. Repeated fields
+/// (the method path, content type, user agent of a CRI client's calls; the
+/// status and content type of answers) become one-byte table references.
+/// The proxy is the only encoder toward that peer on its connection, so the
+/// table here mirrors the peer's decoder exactly.
 pub struct Encoder {
     /// Newest first, as HPACK indexes it.
     table: VecDeque<(Vec<u8>, Vec<u8>)>,
     size: usize,
-    /// The peer shrank its table: from now on only literals, after telling it
-    /// that the table is gone.
-    literal_only: bool,
+    /// The table size in use: the peer's SETTINGS_HEADER_TABLE_SIZE, at most
+    /// [`DEFAULT_TABLE`]. It only ever shrinks.
+    max: usize,
+    /// The peer lowered its table size: the next block must open with a
+    /// dynamic table size update (RFC 7541 §4.2).
+    pending_update: bool,
+}
+
+impl Default for Encoder {
+    fn default() -> Self {
+        Encoder {
+            table: VecDeque::new(),
+            size: 0,
+            max: DEFAULT_TABLE,
+            pending_update: false,
+        }
+    }
 }
 
 /// Fields whose value changes on every call are never worth a table entry.
 fn never_index(name: &[u8]) -> bool {
-    name == b"grpc-timeout" || name.ends_with(b"-bin")
+    name == b"grpc-timeout" || name == b"grpc-message" || name.ends_with(b"-bin")
 }
 
 impl Encoder {
-    /// Encode `headers` as one header block. `peer_shrank` says that the peer
-    /// lowered its SETTINGS_HEADER_TABLE_SIZE below [`DEFAULT_TABLE`].
-    pub fn encode(&mut self, peer_shrank: bool, out: &mut BytesMut, headers: &HeaderList) {
-        if peer_shrank && !self.literal_only {
-            self.literal_only = true;
-            self.table.clear();
-            self.size = 0;
-            // Dynamic table size update to 0 (RFC 7541 §6.3), which must open
-            // the first block after the peer's change.
-            out.extend_from_slice(&[0x20]);
+    /// The peer's SETTINGS_HEADER_TABLE_SIZE.
+    pub fn set_peer_max(&mut self, size: u32) {
+        let size = (size as usize).min(DEFAULT_TABLE);
+        if size < self.max {
+            self.max = size;
+            self.evict(0);
+            self.pending_update = true;
+        }
+    }
+
+    /// Encode `headers` as one header block.
+    pub fn encode(&mut self, out: &mut BytesMut, headers: &HeaderList) {
+        if self.pending_update {
+            self.pending_update = false;
+            put_integer(out, self.max, 5, 0x20);
         }
         for (name, value) in headers {
             self.field(out, name, value);
@@ -242,15 +293,13 @@ impl Encoder {
             put_integer(out, i, 7, 0x80);
             return;
         }
-        if !self.literal_only {
-            if let Some(pos) = self.table.iter().position(|(n, v)| v == value && n == name) {
-                put_integer(out, STATIC_NAMES.len() + 1 + pos, 7, 0x80);
-                return;
-            }
+        if let Some(pos) = self.table.iter().position(|(n, v)| v == value && n == name) {
+            put_integer(out, STATIC_NAMES.len() + 1 + pos, 7, 0x80);
+            return;
         }
         let name_index = STATIC_NAMES.iter().position(|n| *n == name).map(|i| i + 1);
         let entry = name.len() + value.len() + 32;
-        if self.literal_only || never_index(name) || entry > DEFAULT_TABLE / 4 {
+        if never_index(name) || entry > self.max / 4 {
             // Literal without indexing (§6.2.2).
             match name_index {
                 Some(i) => put_integer(out, i, 4, 0x00),
@@ -271,12 +320,19 @@ impl Encoder {
             }
         }
         put_string(out, value);
-        while self.size + entry > DEFAULT_TABLE {
-            let (n, v) = self.table.pop_back().expect("size accounts for entries");
-            self.size -= n.len() + v.len() + 32;
-        }
+        self.evict(entry);
         self.table.push_front((name.to_vec(), value.to_vec()));
         self.size += entry;
+    }
+
+    /// Evict until `room` more bytes fit.
+    fn evict(&mut self, room: usize) {
+        while self.size + room > self.max {
+            match self.table.pop_back() {
+                Some((n, v)) => self.size -= n.len() + v.len() + 32,
+                None => break,
+            }
+        }
     }
 }
 
@@ -455,20 +511,21 @@ mod tests {
         many.push((b"x-custom".to_vec(), b"v".to_vec()));
         for _ in 0..3 {
             let mut b = BytesMut::new();
-            Encoder::default().encode(false, &mut b, &many);
+            Encoder::default().encode(&mut b, &many);
             assert_eq!(Decoder::default().decode(&b).unwrap(), many);
         }
         let mut enc = Encoder::default();
         let mut dec = Decoder::default();
         let mut first = BytesMut::new();
-        enc.encode(false, &mut first, &headers);
+        enc.encode(&mut first, &headers);
         let mut second = BytesMut::new();
-        enc.encode(false, &mut second, &headers);
+        enc.encode(&mut second, &headers);
         assert_eq!(second.len(), 2, "repeats are table references");
         assert_eq!(dec.decode(&first).unwrap(), headers);
         assert_eq!(dec.decode(&second).unwrap(), headers);
         let mut third = BytesMut::new();
-        enc.encode(true, &mut third, &headers);
+        enc.set_peer_max(0);
+        enc.encode(&mut third, &headers);
         assert_eq!(third[0], 0x20);
         assert_eq!(dec.decode(&third).unwrap(), headers);
     }
@@ -488,7 +545,10 @@ mod tests {
                 (b"grpc-timeout".to_vec(), format!("{i}m").into_bytes()),
             ];
             let mut b = BytesMut::new();
-            enc.encode(i == 400, &mut b, &headers);
+            if i == 400 {
+                enc.set_peer_max(1024);
+            }
+            enc.encode(&mut b, &headers);
             assert_eq!(dec.decode(&b).unwrap(), headers, "block {i}");
         }
     }
@@ -541,6 +601,30 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    /// RFC 7541 §5.2: padding longer than 7 bits, or not the EOS prefix
+    /// (ones), is a decoding error.
+    #[test]
+    fn huffman_padding_must_be_short_and_ones() {
+        // "a" is 00011 (5 bits): 0x1f pads with three 1 bits.
+        let literal = |s: &[u8]| {
+            let mut b = vec![0x00, 0x01, b'x', 0x80 | s.len() as u8];
+            b.extend_from_slice(s);
+            b
+        };
+        let list = Decoder::default().decode(&literal(&[0x1f])).unwrap();
+        assert_eq!(list, vec![(b"x".to_vec(), b"a".to_vec())]);
+        // Zero padding.
+        assert_eq!(
+            Decoder::default().decode(&literal(&[0x18])),
+            Err(DecodeError::Huffman)
+        );
+        // A whole byte of padding after a full code.
+        assert_eq!(
+            Decoder::default().decode(&literal(&[0x1f, 0xff])),
+            Err(DecodeError::Huffman)
+        );
     }
 
     #[test]

@@ -1,14 +1,13 @@
 //! The CRI proxy: accepts client connections on the shim's socket and relays
-//! each over its own connection to the runtime (see [`conn`] for why), or
-//! answers UNAVAILABLE while the runtime cannot be reached ([`degraded`]).
-//! Calls to the methods an [`Interceptor`] claims are answered by the shim.
+//! each over its own connection to the runtime, as an HTTP/2 endpoint on
+//! each hop ([`relay`], driven by [`conn`]). Calls to the methods an
+//! [`Interceptor`] claims are answered by the shim.
 
 mod conn;
-mod degraded;
 pub mod frame;
 pub mod grpc;
 pub mod hpack;
-mod status;
+pub mod relay;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -27,11 +26,6 @@ use crate::metrics::Metrics;
 
 /// How long a new client has to send the HTTP/2 connection preface.
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long connecting to the runtime's socket may take before the runtime
-/// counts as unreachable. A Unix socket connects at once or fails at once;
-/// this only bounds a runtime whose accept backlog is full.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A unary call the shim answers itself.
 #[derive(Debug)]
@@ -69,6 +63,24 @@ impl Interceptor for ForwardAll {
     }
 }
 
+/// How the proxy serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// After the shutdown signal, how long calls in flight may finish.
+    pub drain: Duration,
+    /// Client connections served at once; more are refused.
+    pub max_connections: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            drain: crate::config::DEFAULT_DRAIN_TIMEOUT,
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
 /// Serve CRI on `listener`, relaying to the runtime's Unix socket at `runtime`,
 /// until `shutdown` resolves; then stop accepting and drain in-flight calls for
 /// at most `drain`.
@@ -79,13 +91,17 @@ pub async fn serve(
     drain: Duration,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::disabled());
+    let options = Options {
+        drain,
+        ..Options::default()
+    };
     serve_with(
         listener,
         runtime,
         Arc::new(ForwardAll),
         metrics,
         shutdown,
-        drain,
+        options,
     )
     .await
 }
@@ -97,17 +113,22 @@ pub async fn serve_with(
     interceptor: Arc<dyn Interceptor>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
-    drain: Duration,
+    options: Options,
 ) -> anyhow::Result<()> {
+    let drain = options.drain;
     let runtime: Arc<PathBuf> = Arc::new(runtime);
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
+    let mut refusals = Refusals::default();
     tokio::pin!(shutdown);
-    info!(runtime = %runtime.display(), "serving CRI");
+    info!(runtime = %runtime.display(), max_connections = options.max_connections, "serving CRI");
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
+                Ok((stream, _)) if conns.len() >= options.max_connections => {
+                    refusals.refuse(stream, options.max_connections);
+                }
                 Ok((stream, _)) => {
                     conns.spawn(connection(
                         stream,
@@ -143,6 +164,50 @@ pub async fn serve_with(
     Ok(())
 }
 
+/// Connections refused at the cap, logged at most every 10 s.
+#[derive(Default)]
+struct Refusals {
+    since_log: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    /// Tell the client why (SETTINGS and GOAWAY `ENHANCE_YOUR_CALM`), then
+    /// close.
+    fn refuse(&mut self, mut stream: UnixStream, cap: usize) {
+        self.since_log += 1;
+        if self
+            .logged
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+        {
+            warn!(
+                max_connections = cap,
+                refused = self.since_log,
+                "client connection refused: the shim already serves max_connections connections \
+                 (raise max_connections, or find the client that opens so many)"
+            );
+            self.since_log = 0;
+            self.logged = Some(std::time::Instant::now());
+        }
+        tokio::spawn(async move {
+            let mut out = BytesMut::new();
+            frame::put_settings(&mut out, &[]);
+            frame::put_goaway(
+                &mut out,
+                0,
+                frame::reason::ENHANCE_YOUR_CALM,
+                b"sidecar-shim: too many connections",
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                use tokio::io::AsyncWriteExt;
+                let _ = stream.write_all(&out).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
+        });
+    }
+}
+
 async fn connection(
     mut client: UnixStream,
     runtime: Arc<PathBuf>,
@@ -167,25 +232,7 @@ async fn connection(
         }
     }
     bytes::Buf::advance(&mut buf, frame::PREFACE.len());
-    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(runtime.as_path()))
-        .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            ))
-        });
-    match upstream {
-        Ok(upstream) => {
-            metrics.runtime_reachable();
-            conn::relay(client, upstream, buf, interceptor, metrics, drain).await
-        }
-        Err(e) => {
-            debug!(error = %e, "runtime unreachable; answering this connection's calls with UNAVAILABLE");
-            metrics.runtime_unreachable();
-            degraded::serve(client, buf, &runtime, e, &metrics, drain).await
-        }
-    }
+    conn::serve(client, buf, runtime, interceptor, metrics, drain).await
 }
 
 /// Read until the 24-byte preface is in `buf`; false if the client sent

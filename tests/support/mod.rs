@@ -3,7 +3,8 @@
 //! `:authority`), CRI config builders for the busybox test image, polling
 //! helpers and the `sidecar-shim` process; the kubelet simulator
 //! (`kubelet`), the demo's scenarios (`demo`) and their SVG timelines
-//! (`timeline`).
+//! (`timeline`); a client that behaves like grpc-go's at the HTTP/2 level
+//! (`grpc_go`); a real one-node Kubernetes from `hack/cluster` (`cluster`).
 //!
 //! Use it from an integration test with `mod support;`.
 //!
@@ -17,6 +18,8 @@
 //! - `SIDECAR_SHIM_TEST_RUST_LOG`: `RUST_LOG` for spawned shims (default `debug`).
 //! - `SIDECAR_SHIM_CONTAINERD`: which containerd [`PrivateContainerd`] runs:
 //!   `1.6` (default, Debian's), `1.7` or `2.3` (see `hack/containerd`).
+//! - `SIDECAR_SHIM_TEST_BIN`: the shim binary to spawn instead of this
+//!   build's (to show that a test fails on an older build).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -47,7 +50,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod cluster;
 pub mod demo;
+pub mod grpc_go;
+pub mod h2raw;
 pub mod kubelet;
 pub mod timeline;
 
@@ -1188,8 +1194,15 @@ pub struct ShimProcess {
 
 impl ShimProcess {
     /// The shim binary under test.
+    /// The shim binary: this build's, or the one `SIDECAR_SHIM_TEST_BIN`
+    /// names (to run the tests against another build, e.g. an older one).
     pub fn binary() -> &'static Path {
-        Path::new(env!("CARGO_BIN_EXE_sidecar-shim"))
+        static BIN: OnceLock<PathBuf> = OnceLock::new();
+        BIN.get_or_init(|| {
+            std::env::var_os("SIDECAR_SHIM_TEST_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sidecar-shim")))
+        })
     }
 
     /// Spawn `sidecar-shim --listen LISTEN --runtime-endpoint unix://RUNTIME

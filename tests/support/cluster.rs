@@ -1,0 +1,440 @@
+//! A real one-node Kubernetes for end-to-end tests: `hack/cluster up` in a
+//! temporary directory (kubelet through the shim under test, or with
+//! [`Mode::Direct`] straight at containerd), `kubectl` with parsed JSON,
+//! conditions polled until a deadline, `hack/cluster down` on drop.
+//!
+//! Every error a [`Cluster`] returns from [`Cluster::wait_for`] or
+//! [`Cluster::fail`] carries what the API says about the pods and events and
+//! the last lines of kubelet's, the shim's and containerd's logs.
+//!
+//! The cluster runs in `/tmp/sshk-XXXXXX/c` (`/tmp/sshk-XXXXXX/owner.lock`
+//! is held while the [`Cluster`] lives): a cluster whose test process died
+//! without cleaning up is taken down by the next [`Cluster::up`].
+//! `SIDECAR_SHIM_KEEP_TEST_DIRS=1` keeps the directory (logs, state) after
+//! `hack/cluster down --keep`.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+use super::{abandoned, hack, lock_owner, tail, test_images, ShimProcess, IMAGES_ENV, KEEP_ENV};
+
+/// Prefix of the clusters' directories under /tmp (short: socket paths).
+const DIR_PREFIX: &str = "sshk-";
+/// `hack/cluster up`'s own deadline for the node to get Ready, generous for
+/// a loaded 2-core machine (it takes about 4 s on a quiet one).
+const UP_TIMEOUT_SECS: u32 = 120;
+/// How often [`Cluster::wait_for`] asks again (each ask is a kubectl run).
+const POLL: Duration = Duration::from_millis(250);
+
+/// What kubelet's runtime endpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// kubelet → sidecar-shim (this build's binary) → containerd.
+    Shim,
+    /// kubelet → containerd, no shim: the baseline.
+    Direct,
+}
+
+/// A running one-node cluster (see the module docs).
+pub struct Cluster {
+    mode: Mode,
+    /// `/tmp/sshk-XXXXXX`: the owner's files and the cluster's directory.
+    base: Option<tempfile::TempDir>,
+    /// The cluster's directory, `hack/cluster --dir`.
+    dir: PathBuf,
+    up_took: Duration,
+    /// Held until after `drop` took the cluster down.
+    _owner_lock: fs::File,
+}
+
+impl Cluster {
+    /// `hack/cluster up` in a new temporary directory; returns once the
+    /// node is Ready and pods can be created.
+    pub fn up(mode: Mode) -> Result<Self> {
+        let images = test_images()?;
+        reap_stale_clusters();
+        let base = tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir_in("/tmp")
+            .context("creating a temporary directory under /tmp")?;
+        let owner_lock = lock_owner(base.path())?;
+        fs::write(
+            base.path().join("owner.pid"),
+            std::process::id().to_string(),
+        )?;
+        let dir = base.path().join("c");
+        let mut cmd = Command::new(hack("cluster"));
+        cmd.arg("up")
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--timeout", &UP_TIMEOUT_SECS.to_string()])
+            .env(IMAGES_ENV, &images)
+            .env("SIDECAR_SHIM_BIN", ShimProcess::binary())
+            .stdin(Stdio::null());
+        if mode == Mode::Direct {
+            cmd.arg("--direct");
+        }
+        let started = Instant::now();
+        let out = cmd.output().context("running hack/cluster up")?;
+        let up_took = started.elapsed();
+        let cluster = Cluster {
+            mode,
+            base: Some(base),
+            dir,
+            up_took,
+            _owner_lock: owner_lock,
+        };
+        if !out.status.success() {
+            // Dropping `cluster` takes down whatever did start.
+            return Err(cluster.fail(&format!(
+                "hack/cluster up failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        eprintln!(
+            "cluster ({mode:?}) in {}: node Ready, `hack/cluster up` took {up_took:.1?}",
+            cluster.dir.display()
+        );
+        Ok(cluster)
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The cluster's directory (`hack/cluster --dir`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How long `hack/cluster up` took.
+    pub fn up_took(&self) -> Duration {
+        self.up_took
+    }
+
+    /// A component's log: `kubelet`, `sidecar-shim`, `containerd`, `etcd`,
+    /// `kube-apiserver`, `kube-controller-manager`, `kube-scheduler`.
+    pub fn log_path(&self, component: &str) -> PathBuf {
+        self.dir.join("log").join(format!("{component}.log"))
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// The shim's admin socket (`sidecar-shim status --admin`).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+
+    fn kubectl_command(&self) -> Command {
+        let mut cmd = Command::new(self.dir.join("bin/kubectl"));
+        cmd.arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .arg("--request-timeout=20s")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run_kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+        let mut cmd = self.kubectl_command();
+        cmd.args(args);
+        let out = if let Some(input) = stdin {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd.spawn().context("spawning kubectl")?;
+            child
+                .stdin
+                .take()
+                .context("kubectl's stdin")?
+                .write_all(input.as_bytes())?;
+            child.wait_with_output()?
+        } else {
+            cmd.output().context("running kubectl")?
+        };
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(out)
+    }
+
+    /// `kubectl ARGS...`: its stdout, or an error with its stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = self.run_kubectl(args, None)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl ARGS... -o json`, parsed.
+    pub fn kubectl_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.run_kubectl(&all, None)?;
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("kubectl {}: output is not JSON", all.join(" ")))
+    }
+
+    /// `kubectl apply -f -` with these manifests.
+    pub fn apply(&self, yaml: &str) -> Result<()> {
+        self.run_kubectl(&["apply", "-f", "-"], Some(yaml))?;
+        Ok(())
+    }
+
+    /// `kubectl apply -f FILE`; FILE relative to the repository root.
+    pub fn apply_file(&self, file: &str) -> Result<()> {
+        let path = super::repo_root().join(file);
+        let path = path.to_str().context("manifest path is not UTF-8")?;
+        self.run_kubectl(&["apply", "-f", path], None)?;
+        Ok(())
+    }
+
+    /// The pods with this label selector (`kubectl get pods -l SELECTOR`).
+    pub fn pods(&self, selector: &str) -> Result<Vec<Value>> {
+        let list = self.kubectl_json(&["get", "pods", "-l", selector])?;
+        Ok(list["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Poll `f` every 250 ms until it returns `Ok(Some(value))`. Fails after
+    /// `timeout` (with the last error `f` returned, if any) or at once when
+    /// `f` returns an error that [`Cluster::fail`] made; either way the
+    /// error carries the cluster's diagnostics.
+    pub fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut f: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let mut last_err: Option<anyhow::Error> = None;
+        loop {
+            match f() {
+                Ok(Some(value)) => return Ok(value),
+                Ok(None) => {}
+                Err(e) if e.is::<Fatal>() => return Err(e),
+                Err(e) => last_err = Some(e),
+            }
+            if Instant::now() >= deadline {
+                let last = last_err
+                    .map(|e| format!(" (last error: {e:#})"))
+                    .unwrap_or_default();
+                return Err(self.fail(&format!(
+                    "timed out after {timeout:?} waiting for {what}{last}"
+                )));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// An error saying `msg`, with the cluster's diagnostics attached; when
+    /// returned from a [`Cluster::wait_for`] closure it ends the wait.
+    pub fn fail(&self, msg: &str) -> anyhow::Error {
+        anyhow::Error::new(Fatal(format!("{msg}\n{}", self.diagnostics())))
+    }
+
+    /// What a user would look at: pods, events, the GOAWAYs kubelet got, and
+    /// the last lines of kubelet's, the shim's and containerd's logs.
+    pub fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        let mut section = |title: &str, body: String| {
+            out.push_str(&format!("--- {title} ---\n{}\n", body.trim_end()));
+        };
+        section(
+            "kubectl get pods -o wide",
+            self.kubectl(&["get", "pods", "-o", "wide"])
+                .unwrap_or_else(|e| format!("{e:#}")),
+        );
+        section(
+            "kubectl get events",
+            self.kubectl(&["get", "events", "--sort-by=.lastTimestamp"])
+                .unwrap_or_else(|e| format!("{e:#}")),
+        );
+        section(
+            "pod statuses",
+            self.kubectl_json(&["get", "pods"])
+                .map(|list| {
+                    list["items"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| {
+                            format!(
+                                "{}: phase {} containers {}",
+                                p["metadata"]["name"],
+                                p["status"]["phase"],
+                                p["status"]["containerStatuses"]
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .unwrap_or_else(|e| format!("{e:#}")),
+        );
+        section(
+            "GOAWAY too_many_pings in kubelet's log",
+            self.too_many_pings().to_string(),
+        );
+        let mut logs = vec!["kubelet", "containerd"];
+        if self.mode == Mode::Shim {
+            logs.insert(1, "sidecar-shim");
+        }
+        for component in logs {
+            let path = self.log_path(component);
+            section(
+                &format!("last lines of {}", path.display()),
+                tail(&path, 40),
+            );
+        }
+        out
+    }
+
+    /// How many times kubelet's log says it got GOAWAY ENHANCE_YOUR_CALM
+    /// "too_many_pings" (the HTTP/2 keepalive issue through the shim).
+    pub fn too_many_pings(&self) -> usize {
+        fs::read_to_string(self.log_path("kubelet"))
+            .map(|log| {
+                log.lines()
+                    .filter(|l| l.contains("GoAway") && l.contains("too_many_pings"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let keep = std::env::var(KEEP_ENV).is_ok_and(|v| v == "1");
+        let Some(base) = self.base.take() else {
+            return;
+        };
+        // `down` removes the cluster's directory itself, and refuses to if
+        // anything is still mounted under it: then nothing is removed here
+        // either.
+        let mut down_ok = true;
+        if self.dir.join("cluster.env").is_file() {
+            let mut cmd = Command::new(hack("cluster"));
+            cmd.arg("down").arg("--dir").arg(&self.dir);
+            if keep {
+                cmd.arg("--keep");
+            }
+            let started = Instant::now();
+            match cmd.stdin(Stdio::null()).output() {
+                Ok(out) if out.status.success() => {
+                    eprintln!(
+                        "cluster in {}: `hack/cluster down` took {:.1?}",
+                        self.dir.display(),
+                        started.elapsed()
+                    );
+                }
+                Ok(out) => {
+                    down_ok = false;
+                    eprintln!(
+                        "hack/cluster down --dir {} failed ({}):\n{}",
+                        self.dir.display(),
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                Err(e) => {
+                    down_ok = false;
+                    eprintln!("running hack/cluster down: {e}");
+                }
+            }
+        }
+        if keep || !down_ok {
+            let path = base.keep();
+            let _ = fs::write(path.join("keep"), "");
+            eprintln!("kept cluster directory {}", self.dir.display());
+        } else if let Err(e) = base.close() {
+            eprintln!("removing {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// An error that ends a [`Cluster::wait_for`] at once.
+#[derive(Debug)]
+struct Fatal(String);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+/// Clusters whose test process died without taking them down (killed by a
+/// timeout, say): `hack/cluster down` and remove. Only directories with our
+/// prefix, an `owner.pid`, no `keep` marker and nobody holding the owner's
+/// lock.
+fn reap_stale_clusters() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let Ok(entries) = fs::read_dir("/tmp") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+                continue;
+            }
+            let base = entry.path();
+            if base.join("keep").exists() {
+                continue;
+            }
+            let Some(owner) = fs::read_to_string(base.join("owner.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Some(_lock) = abandoned(&base, owner) else {
+                continue;
+            };
+            let dir = base.join("c");
+            if dir.join("cluster.env").is_file() {
+                let _ = Command::new(hack("cluster"))
+                    .arg("down")
+                    .arg("--dir")
+                    .arg(&dir)
+                    .arg("--keep")
+                    .stdin(Stdio::null())
+                    .output();
+            }
+            let _ = fs::remove_dir_all(&base);
+        }
+    });
+}
+
+/// The condition `kind` of a Job (or Pod) object, if it is there and True.
+pub fn condition_true(obj: &Value, kind: &str) -> bool {
+    obj["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == kind && c["status"] == "True")
+}
+
+/// The status of container `name` in a Pod object (regular containers).
+pub fn container_status<'a>(pod: &'a Value, name: &str) -> Option<&'a Value> {
+    pod["status"]["containerStatuses"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name)
+}
+
+/// A pod's name, for messages.
+pub fn pod_name(pod: &Value) -> &str {
+    pod["metadata"]["name"].as_str().unwrap_or("?")
+}
