@@ -449,14 +449,10 @@ async fn check_started(env: &Env, pod: &PodHandle, dir: &Path) -> Result<()> {
         );
     }
     for name in ["proxy", "app"] {
-        // Read as kubelet reads, again on its next sync if a read fails: the
-        // first call on a client connection the shim took while containerd
-        // was down is answered UNAVAILABLE even once containerd is back (it
-        // then closes that connection; src/proxy/degraded.rs).
-        let read = wait_for_value(TIMEOUT, &format!("kubelet to read {name}"), || async {
-            Ok(pod.latest(name).await)
-        })
-        .await?;
+        let read = pod
+            .latest(name)
+            .await
+            .with_context(|| format!("kubelet cannot read {name}"))?;
         ensure!(
             state(&read) == ContainerState::ContainerRunning,
             "kubelet reads {name} as {:?}",
