@@ -168,6 +168,57 @@ async fn pod_with_busybox_container_lifecycle() -> Result<()> {
     Ok(())
 }
 
+/// The containerd SIDECAR_SHIM_CONTAINERD asks for is the one that runs, as
+/// it reports its version over CRI and as its process and its shims' are
+/// that version's binaries (Debian's for 1.6, `hack/upstream`'s for 1.7 and
+/// 2.3).
+#[tokio::test]
+async fn the_selected_containerd_and_its_shim_run() -> Result<()> {
+    let containerd = PrivateContainerd::start().await?;
+    let selected = std::env::var(CONTAINERD_ENV).unwrap_or_else(|_| "1.6".into());
+    assert_eq!(containerd.selected_version(), selected);
+    let version = containerd.version().trim_start_matches('v');
+    ensure!(
+        version.starts_with(&format!("{selected}.")),
+        "{CONTAINERD_ENV}={selected}, containerd reports {version}"
+    );
+    let bin = match selected.as_str() {
+        "1.6" => std::path::PathBuf::from("/usr/bin"),
+        v => {
+            let out = std::process::Command::new(hack("upstream"))
+                .args(["dir", &format!("containerd-{v}")])
+                .output()?;
+            ensure!(out.status.success(), "hack/upstream dir containerd-{v}");
+            std::path::PathBuf::from(String::from_utf8(out.stdout)?.trim())
+        }
+    };
+    let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let pid = containerd.pid().context("containerd not running")?;
+    assert_eq!(exe(pid), bin.join("containerd"));
+
+    // A pod's shim: a containerd-shim-runc-v2 in containerd's mount
+    // namespace.
+    let (mut rt, _) = containerd.cri();
+    let pod_config = pod_sandbox_config("env-shim", &containerd.pod_log_root());
+    run_pod(&mut rt, &pod_config).await?;
+    let ns = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let shims: Vec<_> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| ns(p).is_some() && ns(p) == ns(pid))
+        .map(exe)
+        .filter(|e| {
+            e.file_name()
+                .is_some_and(|n| n == "containerd-shim-runc-v2")
+        })
+        .collect();
+    ensure!(!shims.is_empty(), "no shim in containerd's namespace");
+    for shim in shims {
+        assert_eq!(shim, bin.join("containerd-shim-runc-v2"));
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn clients_with_any_authority_work_against_containerd() -> Result<()> {
     let containerd = PrivateContainerd::start().await?;

@@ -246,6 +246,8 @@ async fn sidecar_started_first_is_ready_before_the_app_and_stopped_after_it() ->
         diag(&pod)
     );
     // Held, not failed: kubelet's one StartContainer of the app succeeded.
+    pod.wait_answered("StartContainer", Some("app"), TIMEOUT)
+        .await?;
     let starts = pod.calls_of("StartContainer", Some("app"));
     ensure!(
         starts.len() == 1 && starts[0].ok(),

@@ -7,8 +7,9 @@
 //!   lifecycle, ExecSync (also with output spanning many flow-control
 //!   windows), ListContainers filters and a response larger than 64 KiB.
 //! - Identical answers direct and through the shim: unknown methods, the
-//!   v1alpha2 API, a server-streaming method containerd 1.6 does not
-//!   implement, and the response headers and trailers of a call.
+//!   v1alpha2 API (gone in containerd 2.x), a server-streaming method
+//!   (UNIMPLEMENTED in containerd 1.6, a stream of events in 1.7 and 2.x),
+//!   and the response headers and trailers of a call.
 //! - `grpc-timeout` reaches containerd.
 //! - Any `:authority` is accepted.
 //! - containerd killed and restarted (or not yet started) under the shim.
@@ -188,6 +189,109 @@ fn status_parts(status: &Status) -> (Code, String, Bytes) {
         status.message().to_string(),
         status.details().to_vec().into(),
     )
+}
+
+/// StopPodSandbox + RemovePodSandbox.
+async fn remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod: &str) -> Result<()> {
+    rt.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.to_string(),
+    })
+    .await
+    .context("StopPodSandbox")?;
+    rt.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.to_string(),
+    })
+    .await
+    .context("RemovePodSandbox")?;
+    Ok(())
+}
+
+/// How a GetContainerEvents call went.
+#[derive(Debug, PartialEq)]
+enum EventsAnswer {
+    /// It ended with this status (code, message, details).
+    Status((Code, String, Bytes)),
+    /// A stream: a pod's events.
+    Events(Vec<PodEvent>),
+}
+
+/// A pod's event without what differs from pod to pod (ids, times).
+#[derive(Debug, PartialEq)]
+struct PodEvent {
+    kind: i32,
+    /// The sandbox's name and state, as the event carries them.
+    sandbox: Option<(String, i32)>,
+    containers: usize,
+}
+
+/// GetContainerEvents over `channel`, as its only subscriber: its status,
+/// or the events of a pod run and removed while it is open.
+async fn container_events(
+    containerd: &PrivateContainerd,
+    channel: &Channel,
+) -> Result<EventsAnswer> {
+    let mut rt = RuntimeServiceClient::new(channel.clone());
+    let call = tokio::spawn(async move { rt.get_container_events(GetEventsRequest {}).await });
+    // An open stream's response headers go out with its first event: until
+    // the call has answered (an error, or an event), make events with pods
+    // run and removed. (One that reaches containerd after a pod's events
+    // waits for the next pod's.)
+    let (mut direct, _) = containerd.cri();
+    let started = Instant::now();
+    while !call.is_finished() {
+        ensure!(
+            started.elapsed() < TIMEOUT,
+            "GetContainerEvents: no answer after {TIMEOUT:?} of pods coming and going"
+        );
+        let config = pod_sandbox_config("events-warm-up", &containerd.pod_log_root());
+        let pod = run_pod(&mut direct, &config).await?;
+        remove_pod(&mut direct, &pod).await?;
+    }
+    let mut stream = match call.await? {
+        Err(status) => return Ok(EventsAnswer::Status(status_parts(&status))),
+        Ok(response) => response.into_inner(),
+    };
+    let config = pod_sandbox_config("events", &containerd.pod_log_root());
+    let pod = run_pod(&mut direct, &config).await?;
+    remove_pod(&mut direct, &pod).await?;
+    // containerd sends events in order: the pod's are all there once one of
+    // a pod run after it comes (which events a sandbox has depends on the
+    // version, so none of the pod's own can mark the end).
+    let config = pod_sandbox_config("events-then", &containerd.pod_log_root());
+    let then = run_pod(&mut direct, &config).await?;
+    let mut events = Vec::new();
+    let mut others = Vec::new();
+    loop {
+        let event = within(TIMEOUT, "GetContainerEvents", stream.message())
+            .await
+            .with_context(|| format!("{pod}'s events so far: {events:?}; others: {others:?}"))??
+            .with_context(|| format!("the stream ended before {then}'s events: {events:?}"))?;
+        let of = |id: &str| {
+            event.container_id == id
+                || event
+                    .pod_sandbox_status
+                    .as_ref()
+                    .is_some_and(|s| s.id == id)
+        };
+        if of(&then) {
+            break;
+        }
+        if of(&pod) {
+            let sandbox = event.pod_sandbox_status.as_ref().map(|s| {
+                let name = s.metadata.as_ref().map(|m| m.name.clone());
+                (name.unwrap_or_default(), s.state)
+            });
+            events.push(PodEvent {
+                kind: event.container_event_type,
+                sandbox,
+                containers: event.containers_statuses.len(),
+            });
+        } else {
+            others.push((event.container_id, event.container_event_type));
+        }
+    }
+    remove_pod(&mut direct, &then).await?;
+    Ok(EventsAnswer::Events(events))
 }
 
 // ---------------------------------------------------------------------------
@@ -889,8 +993,10 @@ async fn list_containers_larger_than_a_flow_control_window() -> Result<()> {
 
 /// Calls containerd does not serve get the same status (code, message,
 /// details) through the shim as directly: an unknown method, an unknown
-/// service, GetContainerEvents (server-streaming, unimplemented in
-/// containerd 1.6); and the v1alpha2 Version gets the same answer.
+/// service. GetContainerEvents (server-streaming) gets the same answer:
+/// UNIMPLEMENTED from containerd 1.6, the same events in the same order
+/// from 1.7 and later. So does the v1alpha2 Version (served by 1.6,
+/// "unknown service" from 2.x).
 #[tokio::test]
 async fn unknown_and_old_methods_answer_identically() -> Result<()> {
     let (containerd, shim) = containerd_and_shim(&[]).await?;
@@ -924,25 +1030,20 @@ async fn unknown_and_old_methods_answer_identically() -> Result<()> {
         );
     }
 
-    // GetContainerEvents: server-streaming.
+    // GetContainerEvents: server-streaming. containerd 1.6 answers
+    // UNIMPLEMENTED; 1.7 and later keep the stream open and send an event
+    // for every change of a sandbox or container. Either way the shim's
+    // answer is containerd's: the same status, or the same events. One
+    // subscriber at a time: containerd 1.7 hands each event to only one of
+    // its subscribers (2.x sends every subscriber every event).
     let mut answers = Vec::new();
     for channel in [&direct_channel, &shim_channel] {
-        let mut rt = RuntimeServiceClient::new(channel.clone());
-        let answer = match rt.get_container_events(GetEventsRequest {}).await {
-            Err(status) => status_parts(&status),
-            Ok(response) => {
-                let mut stream = response.into_inner();
-                match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
-                    Ok(Err(status)) => status_parts(&status),
-                    Ok(Ok(event)) => bail!("GetContainerEvents sent an event: {event:?}"),
-                    Err(_) => bail!("GetContainerEvents stream stayed open"),
-                }
-            }
-        };
-        answers.push(answer);
+        answers.push(container_events(&containerd, channel).await?);
     }
     eprintln!("GetContainerEvents: {:?}", answers[0]);
-    ensure!(answers[0].0 == Code::Unimplemented, "{:?}", answers[0]);
+    if let EventsAnswer::Events(events) = &answers[0] {
+        ensure!(!events.is_empty(), "no events of the pod");
+    }
     assert_eq!(
         answers[1], answers[0],
         "GetContainerEvents through the shim vs directly"
@@ -1043,8 +1144,11 @@ async fn response_headers_and_trailers_are_identical() -> Result<()> {
 /// context expires it tries to kill the exec with that same expired context
 /// and answers UNKNOWN "failed to exec in container: failed to kill exec
 /// \"ID\": context deadline exceeded: unknown". Either code is accepted as
-/// long as the message says the deadline was exceeded; the answer through
-/// the shim must equal the direct one (exec ids aside).
+/// long as the message says the deadline was exceeded. containerd 1.7 and
+/// 2.x (newer grpc-go) answer no status at all: at the deadline the server
+/// resets the stream (RST_STREAM CANCEL), leaving the status to the
+/// client's own timer. The answer through the shim must equal the direct
+/// one (exec ids aside).
 #[tokio::test]
 async fn grpc_timeout_reaches_containerd() -> Result<()> {
     let (containerd, shim) = containerd_and_shim(&[]).await?;
@@ -1084,19 +1188,44 @@ async fn grpc_timeout_reaches_containerd() -> Result<()> {
             Ok(r) => bail!("ExecSync {what} succeeded after {elapsed:?}: {r:?}"),
             Err(status) => status,
         };
-        ensure!(
-            matches!(status.code(), Code::DeadlineExceeded | Code::Unknown)
-                && status.message().contains("deadline exceeded"),
-            "ExecSync {what}: {status:?} after {elapsed:?}, not a deadline error"
-        );
+        let answer = match reset_by_server(&status) {
+            Some(reason) => {
+                ensure!(
+                    reason == h2::Reason::CANCEL,
+                    "ExecSync {what}: stream reset with {reason:?} after {elapsed:?}"
+                );
+                format!("RST_STREAM {reason:?}")
+            }
+            None => {
+                ensure!(
+                    matches!(status.code(), Code::DeadlineExceeded | Code::Unknown)
+                        && status.message().contains("deadline exceeded"),
+                    "ExecSync {what}: {status:?} after {elapsed:?}, not a deadline error"
+                );
+                format!("{:?} {}", status.code(), without_ids(status.message()))
+            }
+        };
         ensure!(
             elapsed >= Duration::from_millis(1900) && elapsed < Duration::from_millis(4500),
             "ExecSync {what} ended after {elapsed:?}, deadline 2 s"
         );
-        answers.push((status.code(), without_ids(status.message())));
+        answers.push(answer);
     }
     assert_eq!(answers[1], answers[0], "through the shim vs directly");
     logs.passed()
+}
+
+/// The reason of the RST_STREAM the server ended the call with, if that is
+/// how it ended (rather than with a status).
+fn reset_by_server(status: &Status) -> Option<h2::Reason> {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(e) = e.downcast_ref::<h2::Error>() {
+            return e.is_remote().then(|| e.reason()).flatten();
+        }
+        source = e.source();
+    }
+    None
 }
 
 /// `text` with every run of 64 hex digits (container, exec ids) replaced.

@@ -1913,6 +1913,24 @@ impl PodHandle {
             .collect()
     }
 
+    /// Wait until kubelet has the answer to every call of `method` about
+    /// `container` (if given) made so far. What a call did shows in
+    /// containerd some milliseconds before its answer is back: a test that
+    /// judges a call it saw the effect of waits for it first.
+    pub async fn wait_answered(
+        &self,
+        method: &str,
+        container: Option<&str>,
+        timeout: Duration,
+    ) -> Result<()> {
+        wait_for(timeout, &format!("the answers to {method}"), || async {
+            self.calls_of(method, container)
+                .iter()
+                .all(|c| !c.in_flight())
+        })
+        .await
+    }
+
     /// The first call of `method` about `container` (if given).
     pub fn first_call(&self, method: &str, container: Option<&str>) -> Option<CriCall> {
         self.state

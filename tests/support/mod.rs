@@ -16,6 +16,8 @@
 //! - `SIDECAR_SHIM_KEEP_TEST_DIRS=1`: keep each test's temporary directory
 //!   (containerd log, config, shim log) instead of removing it.
 //! - `SIDECAR_SHIM_TEST_RUST_LOG`: `RUST_LOG` for spawned shims (default `debug`).
+//! - `SIDECAR_SHIM_CONTAINERD`: which containerd [`PrivateContainerd`] runs:
+//!   `1.6` (default, Debian's), `1.7` or `2.3` (see `hack/containerd`).
 //! - `SIDECAR_SHIM_TEST_BIN`: the shim binary to spawn instead of this
 //!   build's (to show that a test fails on an older build).
 #![allow(dead_code)]
@@ -65,6 +67,8 @@ pub const IMAGES_ENV: &str = "SIDECAR_SHIM_TEST_IMAGES";
 pub const KEEP_ENV: &str = "SIDECAR_SHIM_KEEP_TEST_DIRS";
 /// `RUST_LOG` for spawned shims.
 pub const SHIM_LOG_ENV: &str = "SIDECAR_SHIM_TEST_RUST_LOG";
+/// Which containerd the tests run against: 1.6 (default), 1.7 or 2.3.
+pub const CONTAINERD_ENV: &str = "SIDECAR_SHIM_CONTAINERD";
 
 /// Prefix of the per-test directories under /tmp (short, for socket paths).
 const DIR_PREFIX: &str = "sshim-";
@@ -287,6 +291,9 @@ pub struct PrivateContainerd {
     path: PathBuf,
     socket: PathBuf,
     child: Option<Child>,
+    /// What containerd answered to CRI `Version` (e.g. `v2.3.4`), once it
+    /// has.
+    version: String,
     /// Held until after `drop` has stopped everything and removed the
     /// directory (fields are dropped after `Drop::drop` runs).
     _owner_lock: fs::File,
@@ -310,6 +317,7 @@ impl PrivateContainerd {
             path,
             dir: Some(dir),
             child: None,
+            version: String::new(),
             _owner_lock: owner_lock,
         };
         let p = me.path.clone();
@@ -327,12 +335,28 @@ impl PrivateContainerd {
         })
         .await??;
         eprintln!(
-            "private containerd at {}: answering after {:?}, images imported after {:?}",
+            "private containerd {} ({CONTAINERD_ENV}={}) at {}: answering after {:?}, images imported after {:?}",
+            me.version,
+            me.selected_version(),
             me.socket.display(),
             ready,
             started.elapsed()
         );
         Ok(me)
+    }
+
+    /// The version containerd reports over CRI (`runtime_version`: `v1.7.34`,
+    /// `v2.3.4`, Debian's `1.6.20~ds1`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The version `hack/containerd` was asked for and configured (`1.6`,
+    /// `1.7` or `2.3`; `DIR/containerd.version`).
+    pub fn selected_version(&self) -> String {
+        fs::read_to_string(self.path.join("containerd.version"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|_| "1.6".into())
     }
 
     /// The containerd gRPC (and CRI) socket.
@@ -417,7 +441,10 @@ impl PrivateContainerd {
                     version: "v1".into(),
                 });
                 match tokio::time::timeout(Duration::from_secs(5), call).await {
-                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Ok(answer)) => {
+                        self.version = answer.into_inner().runtime_version;
+                        return Ok(());
+                    }
                     Ok(Err(status)) => last_err = status.to_string(),
                     Err(_) => last_err = "Version timed out".into(),
                 }
