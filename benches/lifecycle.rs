@@ -6,11 +6,19 @@
 //!   the normal container's first command runs;
 //! * exit → stop: from the last normal container's exit (Job pod; it runs
 //!   1.5 s, past the shim's 1 s settle time after kubelet's last start) to the
-//!   moment the sidecar receives SIGTERM.
+//!   moment the sidecar receives SIGTERM, once with the shim learning exits
+//!   from the runtime's events (where the runtime has them: containerd 1.7
+//!   and later) and once with a second shim that polls (`exit_events =
+//!   false`), side by side;
+//! * idle polling: with `--idle-pods` Job pods running (their main
+//!   containers, which the shim waits on, sleeping), how many ContainerStatus
+//!   calls per second containerd serves for those containers, counted in
+//!   containerd's own trace log, for each of the two shims.
 //!
-//! Starts its own private containerd and shim (test support), drives pods
-//! with the kubelet simulator. Run by `hack/bench`, or:
-//! `cargo bench --bench lifecycle -- [--pods 20] [--parallel 4]`
+//! Starts its own private containerd (`SIDECAR_SHIM_CONTAINERD` picks the
+//! version; its log at trace level) and the shims (test support), drives
+//! pods with the kubelet simulator. Run by `hack/bench`, or:
+//! `cargo bench --bench lifecycle -- [--pods 20] [--parallel 4] [--idle-pods 50]`
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -100,7 +108,9 @@ async fn job(kubelet: &Kubelet, dir: &Path, i: usize) -> anyhow::Result<f64> {
         .container(
             ContainerDef::new(
                 "proxy",
-                sh("trap 'cat /proc/uptime > /shared/term; exit 0' TERM; while :; do sleep 0.05; done"),
+                // `wait` returns on the signal at once (a foreground sleep
+                // would hold the trap back until it ends).
+                sh("trap 'cat /proc/uptime > /shared/term; exit 0' TERM; sleep 1000 & wait"),
             )
             .mount(&shared, "/shared"),
         )
@@ -115,6 +125,66 @@ async fn job(kubelet: &Kubelet, dir: &Path, i: usize) -> anyhow::Result<f64> {
     Ok(term - exit)
 }
 
+/// `n` Job pods whose main sleeps: the containers the shim waits on.
+/// Returns their handles and the main containers' ids.
+async fn idle_pods(
+    kubelet: &Kubelet,
+    containerd: &PrivateContainerd,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<(Vec<kubelet::PodHandle>, Vec<String>)> {
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let pod = PodDef::job(&format!("{prefix}-{i}"))
+            .restart_policy(RestartPolicy::Never)
+            .annotation("sidecar-shim.io/sidecars", "proxy")
+            .container(ContainerDef::new("proxy", sh("sleep 1000 & wait")))
+            .container(ContainerDef::new("main", sh("sleep 1000 & wait")));
+        handles.push(kubelet.run_pod(pod).await?);
+    }
+    let mut mains = Vec::new();
+    for h in &handles {
+        let id = wait_for_value(Duration::from_secs(60), "main created", || {
+            let ids = h.container_ids("main");
+            async move { Ok(ids.first().cloned()) }
+        })
+        .await?;
+        wait_for(Duration::from_secs(60), "main running", || {
+            let id = id.clone();
+            async move {
+                containerd
+                    .container_status(&id)
+                    .await
+                    .is_ok_and(|s| s.state == k8s_cri::v1::ContainerState::ContainerRunning as i32)
+            }
+        })
+        .await?;
+        mains.push(id);
+    }
+    Ok((handles, mains))
+}
+
+/// ContainerStatus calls per second containerd served for `ids` over
+/// `window`, from its trace log.
+async fn status_calls_per_second(
+    containerd: &PrivateContainerd,
+    ids: &[String],
+    window: Duration,
+) -> anyhow::Result<f64> {
+    let log = containerd.log_path();
+    let from = std::fs::metadata(&log)?.len() as usize;
+    tokio::time::sleep(window).await;
+    let text = std::fs::read(&log)?;
+    let text = String::from_utf8_lossy(&text[from.min(text.len())..]);
+    let calls = text
+        .lines()
+        .filter(|l| {
+            l.contains("ContainerStatus for") && ids.iter().any(|id| l.contains(id.as_str()))
+        })
+        .count();
+    Ok(calls as f64 / window.as_secs_f64())
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -123,13 +193,20 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 fn main() -> anyhow::Result<()> {
     let mut pods = 20usize;
     let mut parallel = 4usize;
+    let mut idle = 50usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--pods" => pods = args.next().expect("--pods N").parse()?,
             "--parallel" => parallel = args.next().expect("--parallel N").parse()?,
+            "--idle-pods" => idle = args.next().expect("--idle-pods N").parse()?,
             _ => {}
         }
+    }
+    // containerd logs each CRI call at trace level: the idle count reads it.
+    std::env::set_var("CONTAINERD_LOG_LEVEL", "trace");
+    if std::env::var_os(SHIM_LOG_ENV).is_none() {
+        std::env::set_var(SHIM_LOG_ENV, "info");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -137,26 +214,44 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let containerd = PrivateContainerd::start().await?;
+        println!("containerd {}", containerd.version());
         let listen = containerd.dir().join("shim.sock");
         let shim = ShimProcess::start(&listen, containerd.socket(), &[]).await?;
+        let polling_config = containerd.dir().join("polling.toml");
+        std::fs::write(&polling_config, "[lifecycle]\nexit_events = false\n")?;
+        let polling_listen = containerd.dir().join("polling.sock");
+        let polling = ShimProcess::start(
+            &polling_listen,
+            containerd.socket(),
+            &["--config", polling_config.to_str().expect("utf-8 path")],
+        )
+        .await?;
         let config = KubeletConfig { initial_backoff: Duration::from_secs(1), ..KubeletConfig::default() };
         let kubelet = Arc::new(Kubelet::with_config(&listen, &containerd.pod_log_root(), config.clone()));
+        let via_polling = Arc::new(Kubelet::with_config(&polling_listen, &containerd.pod_log_root(), config.clone()));
         let direct = Arc::new(Kubelet::with_config(containerd.socket(), &containerd.pod_log_root(), config.clone()));
         let dir = containerd.dir().join("bench");
         for (name, which) in [
             ("sidecar ready -> app start", 0),
             ("  baseline, no shim: StartContainer -> first command", 2),
-            ("last normal exit -> sidecar SIGTERM", 1),
+            ("last normal exit -> sidecar SIGTERM (exit events)", 1),
+            ("last normal exit -> sidecar SIGTERM (polling, exit_events = false)", 3),
         ] {
             let mut samples = Vec::new();
             for chunk in (0..pods).collect::<Vec<_>>().chunks(parallel) {
                 let mut tasks = Vec::new();
                 for &i in chunk {
-                    let (k, d) = (if which == 2 { direct.clone() } else { kubelet.clone() }, dir.clone());
+                    let k = match which {
+                        2 => direct.clone(),
+                        3 => via_polling.clone(),
+                        _ => kubelet.clone(),
+                    };
+                    let d = dir.clone();
                     tasks.push(tokio::spawn(async move {
                         match which {
                             0 => startup(&k, &d, i).await,
                             1 => job(&k, &d, i).await,
+                            3 => job(&k, &d, 1000 + i).await,
                             _ => runtime_start(&k, &d, i).await,
                         }
                     }));
@@ -168,14 +263,31 @@ fn main() -> anyhow::Result<()> {
             let ms: Vec<f64> = samples.iter().map(|s| s * 1000.0).collect();
             let (mut a, mut b, mut c) = (ms.clone(), ms.clone(), ms.clone());
             println!(
-                "{name:<52} pods {:>3}  p50 {:>6.0} ms  p95 {:>6.0} ms  max {:>6.0} ms  (clock: /proc/uptime, 10 ms steps)",
+                "{name:<70} pods {:>3}  p50 {:>6.0} ms  p95 {:>6.0} ms  max {:>6.0} ms  (clock: /proc/uptime, 10 ms steps)",
                 ms.len(),
                 pct(&mut a, 0.5),
                 pct(&mut b, 0.95),
                 pct(&mut c, 1.0)
             );
         }
+        if idle > 0 {
+            let window = Duration::from_secs(5);
+            for (name, k, prefix) in [
+                ("exit events", &kubelet, "idle-events"),
+                ("polling, exit_events = false", &via_polling, "idle-polling"),
+            ] {
+                let (handles, mains) = idle_pods(k, &containerd, prefix, idle).await?;
+                let rate = status_calls_per_second(&containerd, &mains, window).await?;
+                println!(
+                    "idle, {idle} Job pods running, {name}: {rate:.1} ContainerStatus calls/s to containerd for the containers the shim waits on"
+                );
+                for h in handles {
+                    h.delete(Some(Duration::from_secs(2))).await.ok();
+                }
+            }
+        }
         drop(shim);
+        drop(polling);
         anyhow::Ok(())
     })
 }

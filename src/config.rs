@@ -247,6 +247,10 @@ pub struct LifecycleFile {
     /// Report sidecars the shim stopped (Job completion) as exited 0, Completed.
     #[serde(default)]
     pub rewrite_exit_code: Option<bool>,
+    /// Learn container exits from the runtime's event stream where it has
+    /// one (false: poll every 100 ms, as on runtimes without events).
+    #[serde(default)]
+    pub exit_events: Option<bool>,
     /// Mesh presets to enable: `["istio", "linkerd"]`. An unknown name is
     /// an error naming it.
     #[serde(default)]
@@ -279,6 +283,7 @@ pub struct LifecycleConfig {
     pub min_stop_grace: Duration,
     pub evidence_window: Duration,
     pub rewrite_exit_code: bool,
+    pub exit_events: bool,
     /// Enabled mesh presets (none by default).
     pub presets: Vec<crate::lifecycle::spec::Preset>,
     pub max_pods: usize,
@@ -297,6 +302,7 @@ impl Default for LifecycleConfig {
             min_stop_grace: s.min_stop_grace,
             evidence_window: s.evidence_window,
             rewrite_exit_code: s.rewrite_exit_code,
+            exit_events: s.exit_events,
             presets: d.presets,
             max_pods: s.max_pods,
             max_held_calls: s.max_held,
@@ -315,6 +321,7 @@ impl LifecycleConfig {
             min_stop_grace: file.min_stop_grace.unwrap_or(d.min_stop_grace),
             evidence_window: file.evidence_window.unwrap_or(d.evidence_window),
             rewrite_exit_code: file.rewrite_exit_code.unwrap_or(d.rewrite_exit_code),
+            exit_events: file.exit_events.unwrap_or(d.exit_events),
             presets: file.presets.unwrap_or(d.presets),
             max_pods: file.max_pods.unwrap_or(d.max_pods),
             max_held_calls: file.max_held_calls.unwrap_or(d.max_held_calls),
@@ -342,6 +349,7 @@ impl LifecycleConfig {
             min_stop_grace: self.min_stop_grace,
             evidence_window: self.evidence_window,
             rewrite_exit_code: self.rewrite_exit_code,
+            exit_events: self.exit_events,
             failed_exit_window: self.failed_exit_window,
             max_pods: self.max_pods,
             max_held: self.max_held_calls,

@@ -57,6 +57,9 @@ pub struct Settings {
     pub default_grace: Duration,
     /// Report sidecars the shim stopped as exited 0, reason Completed.
     pub rewrite_exit_code: bool,
+    /// Learn exits from the runtime's event stream where it has one (the
+    /// gRPC layer's business; kept with the other tunables).
+    pub exit_events: bool,
     /// A failed normal container of a Job pod without a restart-policy
     /// annotation is terminal once kubelet made no new attempt for this long.
     pub failed_exit_window: Duration,
@@ -93,6 +96,7 @@ impl Default for Settings {
             evidence_window: Duration::from_secs(2),
             default_grace: Duration::from_secs(30),
             rewrite_exit_code: true,
+            exit_events: true,
             failed_exit_window: Duration::from_secs(30),
             settle: Duration::from_secs(1),
             answer_margin: Duration::from_secs(2),

@@ -185,6 +185,7 @@ impl Lifecycle {
                 }
             }),
         );
+        let exit_events = settings.exit_events;
         let inner = Arc::new(Inner {
             machine: Mutex::new(Machine::new(settings)),
             runtime: RuntimeServiceClient::new(channel.clone())
@@ -209,7 +210,7 @@ impl Lifecycle {
             reconciled_notify: Notify::new(),
             stop_pod_turns: Mutex::default(),
             held_at: Mutex::default(),
-            events: events::Events::default(),
+            events: events::Events::new(exit_events),
             metrics,
         });
         inner.load_state();

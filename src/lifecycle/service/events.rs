@@ -57,7 +57,11 @@ enum Support {
 }
 
 pub(super) struct Events {
-    /// The subscription runs: exits come from it, nothing is polled.
+    /// Exits may come from the subscription (config `exit_events`; when
+    /// false they are polled even while events flow, for the clients'
+    /// subscriptions only).
+    for_exits: bool,
+    /// The subscription runs.
     live: AtomicBool,
     support: watch::Sender<Support>,
     /// Events for the clients' subscriptions, while the shim's runs.
@@ -66,21 +70,20 @@ pub(super) struct Events {
     feed_changed: watch::Sender<u64>,
 }
 
-impl Default for Events {
-    fn default() -> Self {
+impl Events {
+    pub(super) fn new(for_exits: bool) -> Self {
         Events {
+            for_exits,
             live: AtomicBool::new(false),
             support: watch::channel(Support::Unknown).0,
             feed: Mutex::new(None),
             feed_changed: watch::channel(0).0,
         }
     }
-}
 
-impl Events {
     /// Exits come from the subscription (the watch loops stand down).
     pub(super) fn live(&self) -> bool {
-        self.live.load(Ordering::Acquire)
+        self.for_exits && self.live.load(Ordering::Acquire)
     }
 }
 
@@ -153,6 +156,12 @@ async fn up(me: &Arc<Inner>) {
     let (tx, _) = broadcast::channel(CLIENT_BACKLOG);
     *lock(&me.events.feed) = Some(tx);
     me.events.feed_changed.send_modify(|n| *n += 1);
+    if !me.events.for_exits {
+        info!(
+            "subscribed to the runtime's container events (exit_events = false: exits are polled)"
+        );
+        return;
+    }
     info!("subscribed to the runtime's container events: exits are no longer polled");
     let watched = lock(&me.machine).watched();
     for container in watched {
@@ -176,7 +185,8 @@ fn down(me: &Arc<Inner>, why: Option<&tonic::Status>) {
 
 /// One event from the runtime.
 async fn handle(me: &Arc<Inner>, event: cri::ContainerEventResponse) {
-    let stopped = event.container_event_type == cri::ContainerEventType::ContainerStoppedEvent as i32;
+    let stopped =
+        event.container_event_type == cri::ContainerEventType::ContainerStoppedEvent as i32;
     let id = event.container_id.clone();
     let code = event
         .containers_statuses
@@ -188,7 +198,7 @@ async fn handle(me: &Arc<Inner>, event: cri::ContainerEventResponse) {
         // No receiver: no client subscribed; nothing to do.
         let _ = feed.send(Arc::new(event));
     }
-    if stopped && lock(&me.machine).is_watched(&id) {
+    if stopped && me.events.for_exits && lock(&me.machine).is_watched(&id) {
         match code {
             Some(code) => me.feed(Event::Exited {
                 container: id,
@@ -246,9 +256,11 @@ pub(super) async fn subscribe(me: Arc<Inner>) -> Result<MessageStream, tonic::St
                     }
                     Ok(Bytes::from(event.encode_to_vec()))
                 }
-                Err(broadcast::error::RecvError::Lagged(n)) => Err(tonic::Status::resource_exhausted(
-                    format!("sidecar-shim: the subscriber fell {n} container events behind"),
-                )),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    Err(tonic::Status::resource_exhausted(format!(
+                        "sidecar-shim: the subscriber fell {n} container events behind"
+                    )))
+                }
                 Err(broadcast::error::RecvError::Closed) => Err(tonic::Status::unavailable(
                     "sidecar-shim: the container runtime's event stream ended",
                 )),
