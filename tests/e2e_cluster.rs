@@ -1156,67 +1156,148 @@ fn deployment_rolls_out_and_back() -> Result<()> {
 // ---------------------------------------------------------------------------
 // Many pods (issue 9)
 
-/// 50 annotated and 50 plain pods (`load.yaml`) started and deleted through
-/// the shim and, side by side, with kubelet straight at containerd: all run
-/// with no restart; through the shim kubelet's log has no GOAWAY
+/// How many pods of each kind `many_pods_without_failed_cri_calls` starts
+/// (default 20; the issue-9 proof used 50, see the README).
+const LOAD_ENV: &str = "SIDECAR_SHIM_E2E_LOAD";
+
+/// `load.yaml`'s two Deployments (annotated and plain pods, 20 replicas each
+/// unless `SIDECAR_SHIM_E2E_LOAD` says otherwise) and ten copies of the demo
+/// Job started and deleted through the shim and, side by side, with kubelet
+/// straight at containerd: every Deployment pod runs with no restart, and
+/// through the shim every Job completes with no restart and exit code 0
+/// for both containers; through the shim kubelet's log has no GOAWAY
 /// `too_many_pings` and no kind of failed CRI call that the direct run does
-/// not have too.
+/// not have too (issue 9).
+///
+/// With the frame relay (before issue 9's per-hop HTTP/2 endpoints) ten
+/// demo Jobs alone failed every time: kubelet's CRI connection through the
+/// shim got GOAWAY ENHANCE_YOUR_CALM "too_many_pings" from containerd, held
+/// StartContainer calls on it failed with UNAVAILABLE (exit 128,
+/// StartError) and apps were restarted (19 failed starts and 155 GOAWAYs
+/// for 10 Jobs, one Job Failed); straight at containerd there was no GOAWAY
+/// and no failed start.
 #[test]
-fn hundred_pods_without_failed_cri_calls() -> Result<()> {
+fn many_pods_without_failed_cri_calls() -> Result<()> {
+    let per_kind: usize = match std::env::var(LOAD_ENV) {
+        Ok(v) => v.parse().with_context(|| format!("{LOAD_ENV}={v}"))?,
+        Err(_) => 20,
+    };
+    let yaml = manifest_text("load.yaml")?;
+    ensure!(
+        yaml.matches("  replicas: 50\n").count() == 2,
+        "load.yaml: want two `replicas: 50`"
+    );
+    let yaml = yaml.replace("  replicas: 50\n", &format!("  replicas: {per_kind}\n"));
+    let total = 2 * per_kind;
+    const JOBS: usize = 10;
+    let demo = manifest_text("sidecar-demo.yaml")?;
+    let one = "  name: sidecar-demo\n";
+    ensure!(
+        demo.contains(one),
+        "sidecar-demo.yaml has no `{}`",
+        one.trim_end()
+    );
+    let jobs: String = (1..=JOBS)
+        .map(|i| {
+            format!(
+                "---\n{}",
+                demo.replace(one, &format!("  name: sidecar-demo-{i}\n"))
+            )
+        })
+        .collect();
     let (shim, direct) = Cluster::up_pair()?;
     let started = Instant::now();
     for cluster in [&shim, &direct] {
-        cluster.apply_file(&manifest("load.yaml"))?;
+        cluster.apply(&yaml)?;
+        cluster.apply(&jobs)?;
     }
     let mut took = Vec::new();
     for cluster in [&shim, &direct] {
-        cluster.wait_for(Duration::from_secs(360), "100 pods running", || {
-            let pods = cluster.kubectl_json(&["get", "pods"])?;
-            let pods = pods["items"].as_array().cloned().unwrap_or_default();
-            let restarted: Vec<String> = pods
-                .iter()
-                .flat_map(|p| {
-                    p["status"]["containerStatuses"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .filter(|c| c["restartCount"] != 0)
-                        .map(move |c| format!("{}/{}: {}", pod_name(p), c["name"], c["lastState"]))
-                })
-                .collect();
-            if !restarted.is_empty() {
-                return Err(cluster.fail(&format!(
-                    "{}: restarted:\n{}",
-                    label(cluster),
-                    restarted.join("\n")
-                )));
-            }
-            let running = pods
-                .iter()
-                .filter(|p| {
-                    ["app", "proxy"]
-                        .iter()
-                        .all(|c| container_status(p, c).is_some_and(running))
-                })
-                .count();
-            Ok((running == 100).then_some(()))
-        })?;
+        cluster.wait_for(
+            Duration::from_secs(300),
+            &format!("{total} pods running"),
+            || {
+                let pods = cluster.kubectl_json(&["get", "pods"])?;
+                let pods = pods["items"].as_array().cloned().unwrap_or_default();
+                let restarted: Vec<String> = pods
+                    .iter()
+                    .flat_map(|p| {
+                        p["status"]["containerStatuses"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|c| c["restartCount"] != 0)
+                            .map(move |c| {
+                                format!("{}/{}: {}", pod_name(p), c["name"], c["lastState"])
+                            })
+                    })
+                    .collect();
+                if !restarted.is_empty() {
+                    return Err(cluster.fail(&format!(
+                        "{}: restarted:\n{}",
+                        label(cluster),
+                        restarted.join("\n")
+                    )));
+                }
+                let running = pods
+                    .iter()
+                    .filter(|p| {
+                        ["app", "proxy"]
+                            .iter()
+                            .all(|c| container_status(p, c).is_some_and(running))
+                    })
+                    .count();
+                Ok((running == total).then_some(()))
+            },
+        )?;
         took.push(started.elapsed());
     }
+    shim.wait_for(START_TIMEOUT, "all ten Jobs Complete", || {
+        let jobs = shim.kubectl_json(&["get", "jobs"])?;
+        let jobs = jobs["items"].as_array().cloned().unwrap_or_default();
+        if let Some(failed) = jobs.iter().find(|j| condition_true(j, "Failed")) {
+            return Err(shim.fail(&format!(
+                "Job {} Failed: {}",
+                failed["metadata"]["name"], failed["status"]["conditions"]
+            )));
+        }
+        let complete = jobs
+            .iter()
+            .filter(|j| condition_true(j, "Complete"))
+            .count();
+        Ok((jobs.len() == JOBS && complete == JOBS).then_some(()))
+    })?;
+    let mut wrong = Vec::new();
+    for pod in shim.pods("job-name")? {
+        for c in pod["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if c["restartCount"] != 0 || exit_code(c) != Some(0) {
+                wrong.push(format!(
+                    "{}/{}: restartCount {}, {}",
+                    pod_name(&pod),
+                    c["name"],
+                    c["restartCount"],
+                    c["state"]
+                ));
+            }
+        }
+    }
+    check(&shim, wrong.is_empty(), || {
+        format!(
+            "Job containers restarted or not at exit 0:\n{}",
+            wrong.join("\n")
+        )
+    })?;
     let deleting = Instant::now();
     for cluster in [&shim, &direct] {
-        cluster.kubectl(&[
-            "delete",
-            "-f",
-            &support::repo_root()
-                .join(manifest("load.yaml"))
-                .to_string_lossy(),
-            "--wait=false",
-        ])?;
+        cluster.kubectl(&["delete", "deployments,jobs", "--all", "--wait=false"])?;
     }
     for cluster in [&shim, &direct] {
-        cluster.wait_for(Duration::from_secs(360), "every pod gone", || {
+        cluster.wait_for(Duration::from_secs(300), "every pod gone", || {
             Ok(cluster
                 .kubectl(&["get", "pods", "-o", "name"])?
                 .trim()
@@ -1234,98 +1315,22 @@ fn hundred_pods_without_failed_cri_calls() -> Result<()> {
     };
     let only_shim: Vec<&String> = s.keys().filter(|k| !d.contains_key(*k)).collect();
     let pings = (shim.too_many_pings(), direct.too_many_pings());
-    let report =
-        format!(
-        "100 pods running: through the shim {:.1?}, without {:.1?} (started side by side); all \
-         deleted {deleted:.1?} later\nGOAWAY too_many_pings: through the shim {}, without {}\n\
+    let report = format!(
+        "{total} pods ({per_kind} annotated, {per_kind} plain) and {JOBS} demo Jobs: the \
+         {total} running through the shim after {:.1?}, without it {:.1?} (started side by \
+         side), the Jobs Complete through the shim; all deleted {deleted:.1?} later\n\
+         GOAWAY too_many_pings in kubelet's log: through the shim {}, without {}\n\
          failed CRI calls in kubelet's log through the shim:\n{}without the shim:\n{}",
-        took[0], took[1], pings.0, pings.1, show(&s), show(&d)
+        took[0],
+        took[1],
+        pings.0,
+        pings.1,
+        show(&s),
+        show(&d)
     );
     if pings.0 > 0 || !only_shim.is_empty() {
         return Err(shim.fail(&format!("{report}only through the shim: {only_shim:?}")));
     }
     eprintln!("{report}");
-    Ok(())
-}
-
-/// Ten copies of the demo Job at once through the shim: every one completes
-/// and no container is restarted (each attempt counts as a restart in the
-/// pod's status, and an app restarted under restartPolicy Never means a
-/// start that failed).
-///
-/// With the frame relay (before issue 9's per-hop HTTP/2 endpoints) this
-/// failed every time: with several pods starting at once, kubelet's CRI
-/// connection through the shim got GOAWAY ENHANCE_YOUR_CALM
-/// "too_many_pings" from containerd, held StartContainer calls on it failed
-/// with UNAVAILABLE (exit 128, StartError) and apps were restarted (19 failed
-/// starts and 155 GOAWAYs for 10 Jobs, one Job Failed); straight at
-/// containerd there was no GOAWAY and no failed start.
-#[test]
-fn ten_annotated_jobs_at_once_complete_without_restarts() -> Result<()> {
-    const JOBS: usize = 10;
-    const JOB: &str = "sidecar-demo";
-    let cluster = Cluster::up(Mode::Shim)?;
-    let manifest = manifest_text("sidecar-demo.yaml")?;
-    let one = format!("  name: {JOB}\n");
-    ensure!(
-        manifest.contains(&one),
-        "sidecar-demo.yaml has no `{}`",
-        one.trim_end()
-    );
-    let yaml: String = (1..=JOBS)
-        .map(|i| {
-            format!(
-                "---\n{}",
-                manifest.replace(&one, &format!("  name: {JOB}-{i}\n"))
-            )
-        })
-        .collect();
-    cluster.apply(&yaml)?;
-
-    cluster.wait_for(START_TIMEOUT, "all ten Jobs to be Complete", || {
-        let jobs = cluster.kubectl_json(&["get", "jobs"])?;
-        let jobs = jobs["items"].as_array().cloned().unwrap_or_default();
-        if let Some(failed) = jobs.iter().find(|j| condition_true(j, "Failed")) {
-            return Err(cluster.fail(&format!(
-                "Job {} Failed: {}",
-                failed["metadata"]["name"], failed["status"]["conditions"]
-            )));
-        }
-        let complete = jobs
-            .iter()
-            .filter(|j| condition_true(j, "Complete"))
-            .count();
-        Ok((jobs.len() == JOBS && complete == JOBS).then_some(()))
-    })?;
-
-    let pods = cluster.kubectl_json(&["get", "pods"])?;
-    let pods = pods["items"].as_array().cloned().unwrap_or_default();
-    let mut wrong = Vec::new();
-    for pod in &pods {
-        for c in pod["status"]["containerStatuses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            if c["restartCount"] != 0 || exit_code(c) != Some(0) {
-                wrong.push(format!(
-                    "{}/{}: restartCount {}, {}",
-                    pod_name(pod),
-                    c["name"],
-                    c["restartCount"],
-                    c["state"]
-                ));
-            }
-        }
-    }
-    let pings = cluster.too_many_pings();
-    if pods.len() != JOBS || !wrong.is_empty() || pings > 0 {
-        return Err(cluster.fail(&format!(
-            "{} pods for {JOBS} Jobs; kubelet got GOAWAY too_many_pings {pings} times; \
-             containers restarted or not at exit 0:\n{}",
-            pods.len(),
-            wrong.join("\n")
-        )));
-    }
     Ok(())
 }
