@@ -1,0 +1,436 @@
+//! Sidecars through the shim against Kubernetes' native sidecars, on a real
+//! one-node cluster (`hack/cluster`, kubelet v1.28.7 with the
+//! `SidecarContainers` gate on, through this build's shim): the same
+//! kubelet runs both kinds of pod, side by side, one of each at a time per
+//! round (`--parallel` rounds at once). Pods are
+//! `hack/cluster-manifests/bench.yaml`'s, renamed per round.
+//!
+//! * sidecar ready -> app's first command: the proxy records when it opens
+//!   its port, the app when its first command runs (`/proc/uptime`). Through
+//!   the shim the app's start is held until a TCP connect succeeds (checked
+//!   every 10 ms); native: kubelet starts the app once the sidecar's
+//!   `startupProbe` (tcpSocket, `periodSeconds: 1`, the least there is)
+//!   succeeds.
+//! * last main container exit -> Job Complete: containerd's `finished_at` of
+//!   `main` (asked straight) to the moment a `kubectl get jobs --watch` sees
+//!   the Complete condition.
+//! * pod deletion -> pod gone: `kubectl delete` sent to the watch's DELETED
+//!   event; every container exits at once on SIGTERM.
+//! * pods started per minute: `load.yaml`'s 50 annotated and 50 plain pods
+//!   (`--load N` each) applied at once, until all run, through the shim and,
+//!   on a second cluster, with kubelet straight at containerd, one after the
+//!   other; kubelet's GOAWAY `too_many_pings` and failed CRI calls are
+//!   counted in both (issue 9).
+//!
+//! Run by `hack/bench --cluster`, or:
+//! `cargo bench --bench cluster -- [--pods 20] [--parallel 4] [--load 50]`
+
+#[path = "../tests/support/mod.rs"]
+#[allow(unused_imports)]
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::BufReader;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use serde_json::Value;
+
+use support::cluster::{
+    condition_true, container_status, manifest_doc, pod_uid, uptime_now, uptime_of, Cluster, Mode,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+struct Args {
+    pods: usize,
+    parallel: usize,
+    load: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        pods: 20,
+        parallel: 4,
+        load: 50,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut num = |name: &str| -> Result<usize> {
+            it.next()
+                .with_context(|| format!("{name} needs a number"))?
+                .parse()
+                .with_context(|| format!("{name}: not a number"))
+        };
+        match a.as_str() {
+            "--pods" => args.pods = num("--pods")?,
+            "--parallel" => args.parallel = num("--parallel")?,
+            "--load" => args.load = num("--load")?,
+            // cargo bench passes --bench.
+            "--bench" => {}
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    ensure!(
+        args.pods > 0 && args.parallel > 0,
+        "--pods and --parallel must be positive"
+    );
+    Ok(args)
+}
+
+/// Receipt times of watch events (`/proc/uptime` when read).
+#[derive(Default)]
+struct Seen {
+    /// Job name -> when first seen Complete.
+    complete: HashMap<String, f64>,
+    /// Pod name -> when its DELETED event came.
+    deleted: HashMap<String, f64>,
+}
+
+/// `kubectl get KIND --watch --output-watch-events -o json`, read by a
+/// thread that notes when each event arrives.
+struct Watch {
+    child: Child,
+}
+
+impl Watch {
+    fn start(cluster: &Cluster, kind: &'static str, seen: Arc<Mutex<Seen>>) -> Result<Self> {
+        let mut child = Command::new(cluster.dir().join("bin/kubectl"))
+            .arg("--kubeconfig")
+            .arg(cluster.kubeconfig())
+            .args([
+                "get",
+                kind,
+                "--watch",
+                "--output-watch-events",
+                "-o",
+                "json",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("kubectl get --watch")?;
+        let out = child.stdout.take().context("kubectl's stdout")?;
+        std::thread::spawn(move || {
+            let stream =
+                serde_json::Deserializer::from_reader(BufReader::new(out)).into_iter::<Value>();
+            for event in stream.flatten() {
+                let at = uptime_now();
+                let name = event["object"]["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned();
+                let mut seen = seen.lock().unwrap();
+                if kind == "jobs" && condition_true(&event["object"], "Complete") {
+                    seen.complete.entry(name).or_insert(at);
+                } else if kind == "pods" && event["type"] == "DELETED" {
+                    seen.deleted.entry(name).or_insert(at);
+                }
+            }
+        });
+        Ok(Watch { child })
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// bench.yaml's document `name`, renamed `name-ROUND`.
+fn doc(bench: &str, name: &str, round: usize) -> Result<String> {
+    Ok(manifest_doc(bench, name)?.replace(
+        &format!("  name: {name}\n"),
+        &format!("  name: {name}-{round}\n"),
+    ))
+}
+
+fn poll<T>(cluster: &Cluster, what: &str, f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    cluster.wait_for(TIMEOUT, what, f)
+}
+
+/// The pod `name`'s uid once it has one.
+fn uid_of(cluster: &Cluster, name: &str) -> Result<String> {
+    poll(cluster, &format!("pod {name}"), || {
+        Ok(cluster.pod(name).ok().map(|p| pod_uid(&p).to_owned()))
+    })
+}
+
+/// Sidecar listening -> app's first command, for the pods `names`.
+fn startup(cluster: &Cluster, names: &[String]) -> Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for name in names {
+        let uid = uid_of(cluster, name)?;
+        let d = poll(cluster, &format!("{name}: the app's first command"), || {
+            let r = cluster.records(&uid);
+            Ok(
+                match (r.first("proxy", "listen"), r.first("app", "start")) {
+                    (Some(l), Some(s)) => Some(s - l),
+                    _ => None,
+                },
+            )
+        })?;
+        out.push(d);
+    }
+    Ok(out)
+}
+
+/// The Job's pod's `main`: containerd's finished_at -> Complete seen.
+fn job_done(cluster: &Cluster, seen: &Mutex<Seen>, job: &str) -> Result<f64> {
+    let complete = poll(cluster, &format!("Job {job} Complete"), || {
+        Ok(seen.lock().unwrap().complete.get(job).copied())
+    })?;
+    let pods = cluster.pods(&format!("job-name={job}"))?;
+    let pod = pods
+        .first()
+        .with_context(|| format!("Job {job} has no pod"))?;
+    let rt = cluster.runtime_pod(pod_uid(pod))?;
+    let finished = rt
+        .one("main")?
+        .finished
+        .context("main has no finished_at")?;
+    Ok(complete - uptime_of(finished))
+}
+
+fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    // Nearest rank.
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// Applies `yaml`, waits until `total` pods run all their containers; returns
+/// the seconds from apply to that.
+fn throughput(cluster: &Cluster, yaml: &str, total: usize) -> Result<f64> {
+    let t0 = Instant::now();
+    cluster.apply(yaml)?;
+    cluster.wait_for(
+        Duration::from_secs(600),
+        &format!("{total} pods running"),
+        || {
+            let pods = cluster.kubectl_json(&["get", "pods"])?;
+            let running = pods["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| {
+                    ["app", "proxy"].iter().all(|c| {
+                        container_status(p, c).is_some_and(|s| s["state"]["running"].is_object())
+                    })
+                })
+                .count();
+            Ok((running >= total).then_some(()))
+        },
+    )?;
+    let took = t0.elapsed().as_secs_f64();
+    cluster.kubectl(&["delete", "deployments", "--all", "--wait=false"])?;
+    cluster.wait_for(Duration::from_secs(600), "every pod gone", || {
+        Ok(cluster
+            .kubectl(&["get", "pods", "-o", "name"])?
+            .trim()
+            .is_empty()
+            .then_some(()))
+    })?;
+    Ok(took)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let bench =
+        std::fs::read_to_string(support::repo_root().join("hack/cluster-manifests/bench.yaml"))?;
+    let load =
+        std::fs::read_to_string(support::repo_root().join("hack/cluster-manifests/load.yaml"))?;
+    ensure!(
+        load.matches("  replicas: 50\n").count() == 2,
+        "load.yaml: want two `replicas: 50`"
+    );
+    let load = load.replace("  replicas: 50\n", &format!("  replicas: {}\n", args.load));
+
+    eprintln!("bringing up two clusters (through the shim, and kubelet straight at containerd)");
+    let (shim, direct) = Cluster::up_pair()?;
+    ensure!(shim.mode() == Mode::Shim && direct.mode() == Mode::Direct);
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let _jobs = Watch::start(&shim, "jobs", seen.clone())?;
+    let _pods = Watch::start(&shim, "pods", seen.clone())?;
+
+    let kinds = ["shim", "native"];
+    let mut ready: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut job: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut gone: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let rounds: Vec<usize> = (0..args.pods).collect();
+    for chunk in rounds.chunks(args.parallel) {
+        eprintln!(
+            "rounds {}-{} of {}",
+            chunk[0] + 1,
+            chunk[chunk.len() - 1] + 1,
+            args.pods
+        );
+        // One of each kind per round, all applied at once.
+        let mut yaml = String::new();
+        for &i in chunk {
+            for kind in kinds {
+                for what in ["start", "job", "delete"] {
+                    yaml.push_str(&format!(
+                        "---\n{}",
+                        doc(&bench, &format!("{kind}-{what}"), i)?
+                    ));
+                }
+            }
+        }
+        shim.apply(&yaml)?;
+        for kind in kinds {
+            let names: Vec<String> = chunk.iter().map(|i| format!("{kind}-start-{i}")).collect();
+            ready
+                .entry(kind)
+                .or_default()
+                .extend(startup(&shim, &names)?);
+            for &i in chunk {
+                job.entry(kind).or_default().push(job_done(
+                    &shim,
+                    &seen,
+                    &format!("{kind}-job-{i}"),
+                )?);
+            }
+        }
+        // Deletion: every pod's app and proxy running, then one kubectl
+        // delete for all of them.
+        let mut names = Vec::new();
+        for &i in chunk {
+            for kind in kinds {
+                let name = format!("{kind}-delete-{i}");
+                let uid = uid_of(&shim, &name)?;
+                poll(&shim, &format!("{name} running"), || {
+                    let r = shim.records(&uid);
+                    Ok(
+                        (r.count("app", "start") > 0 && r.count("proxy", "listen") > 0)
+                            .then_some(()),
+                    )
+                })?;
+                names.push(name);
+            }
+        }
+        let t0 = uptime_now();
+        let mut cmd = vec!["delete", "pod", "--wait=false"];
+        cmd.extend(names.iter().map(String::as_str));
+        shim.kubectl(&cmd)?;
+        for name in &names {
+            let at = poll(&shim, &format!("{name} gone"), || {
+                Ok(seen.lock().unwrap().deleted.get(name).copied())
+            })?;
+            let kind = if name.starts_with("shim") {
+                "shim"
+            } else {
+                "native"
+            };
+            gone.entry(kind).or_default().push(at - t0);
+        }
+        // Clean up the round (not timed).
+        shim.kubectl(&["delete", "pods,jobs", "--all", "--wait=false"])?;
+        shim.wait_for(TIMEOUT, "the round's pods gone", || {
+            Ok(shim
+                .kubectl(&["get", "pods", "-o", "name"])?
+                .trim()
+                .is_empty()
+                .then_some(()))
+        })?;
+    }
+
+    eprintln!(
+        "pods started per minute: {} annotated and {} plain pods at once",
+        args.load, args.load
+    );
+    let total = 2 * args.load;
+    let through = throughput(&shim, &load, total)?;
+    let without = throughput(&direct, &load, total)?;
+
+    println!();
+    println!(
+        "{} pods of each kind, {} rounds at once, one cluster (kubelet v1.28.7 -> sidecar-shim -> containerd {})",
+        args.pods,
+        args.parallel,
+        runtime_version(&shim)
+    );
+    println!();
+    println!("| | shim p50 | shim p95 | native p50 | native p95 | native/shim (p50) |");
+    println!("|---|---|---|---|---|---|");
+    let row = |what: &str, m: &BTreeMap<&str, Vec<f64>>, scale: f64, unit: &str| {
+        let (s, n) = (&m["shim"], &m["native"]);
+        println!(
+            "| {what} | {:.0} {unit} | {:.0} {unit} | {:.0} {unit} | {:.0} {unit} | {:.2} |",
+            quantile(s, 0.5) * scale,
+            quantile(s, 0.95) * scale,
+            quantile(n, 0.5) * scale,
+            quantile(n, 0.95) * scale,
+            quantile(n, 0.5) / quantile(s, 0.5)
+        );
+    };
+    row("sidecar ready -> app's first command", &ready, 1000.0, "ms");
+    row(
+        "last main container exit -> Job Complete",
+        &job,
+        1000.0,
+        "ms",
+    );
+    row("pod deletion -> pod gone", &gone, 1000.0, "ms");
+    println!();
+    println!(
+        "| {total} pods at once ({} annotated, {} plain) | through the shim | without the shim |",
+        args.load, args.load
+    );
+    println!("|---|---|---|");
+    println!("| apply -> all running | {through:.1} s | {without:.1} s |");
+    println!(
+        "| pods started per minute | {:.0} | {:.0} |",
+        total as f64 * 60.0 / through,
+        total as f64 * 60.0 / without
+    );
+    println!(
+        "| GOAWAY too_many_pings in kubelet's log | {} | {} |",
+        shim.too_many_pings(),
+        direct.too_many_pings()
+    );
+    let (se, de) = (shim.kubelet_cri_errors(), direct.kubelet_cri_errors());
+    println!(
+        "| failed CRI calls in kubelet's log (whole run) | {} | {} |",
+        se.values().sum::<usize>(),
+        de.values().sum::<usize>()
+    );
+    println!();
+    for (label, errors) in [("through the shim", &se), ("without the shim", &de)] {
+        println!("failed CRI calls {label}, by kind:");
+        if errors.is_empty() {
+            println!("  none");
+        }
+        for (k, n) in errors {
+            println!("  {n:5} {k}");
+        }
+    }
+    let only: Vec<&String> = se.keys().filter(|k| !de.contains_key(*k)).collect();
+    println!(
+        "kinds only through the shim: {}",
+        if only.is_empty() {
+            "none".to_owned()
+        } else {
+            format!("{only:?}")
+        }
+    );
+    Ok(())
+}
+
+fn runtime_version(cluster: &Cluster) -> String {
+    cluster
+        .kubectl(&[
+            "get",
+            "node",
+            "-o",
+            "jsonpath={.items[0].status.nodeInfo.containerRuntimeVersion}",
+        ])
+        .map(|v| v.trim().trim_start_matches("containerd://").to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
