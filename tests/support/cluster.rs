@@ -536,8 +536,20 @@ impl Cluster {
     /// `remote_runtime.go` or `from runtime service failed`), grouped by
     /// what failed with ids, uids and numbers taken out, with their counts.
     pub fn kubelet_cri_errors(&self) -> BTreeMap<String, usize> {
-        let log = fs::read_to_string(self.log_path("kubelet")).unwrap_or_default();
-        cri_errors(&log)
+        self.kubelet_cri_errors_since(0)
+    }
+
+    /// [`Cluster::kubelet_cri_errors`] from byte `offset` of kubelet's log
+    /// on (see [`Cluster::kubelet_log_len`]).
+    pub fn kubelet_cri_errors_since(&self, offset: u64) -> BTreeMap<String, usize> {
+        let log = fs::read(self.log_path("kubelet")).unwrap_or_default();
+        let from = (offset as usize).min(log.len());
+        cri_errors(&String::from_utf8_lossy(&log[from..]))
+    }
+
+    /// The length of kubelet's log now, for [`Cluster::kubelet_cri_errors_since`].
+    pub fn kubelet_log_len(&self) -> u64 {
+        fs::metadata(self.log_path("kubelet")).map_or(0, |m| m.len())
     }
 }
 
@@ -867,6 +879,6 @@ pub fn manifest_doc(manifest: &str, name: &str) -> Result<String> {
     manifest
         .split("\n---\n")
         .find(|doc| format!("\n{doc}").contains(&wanted))
-        .map(|doc| doc.to_owned())
+        .map(|doc| format!("{}\n", doc.trim_end()))
         .with_context(|| format!("no document named {name}"))
 }
