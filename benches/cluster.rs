@@ -5,8 +5,9 @@
 //! round (`--parallel` rounds at once). Pods are
 //! `hack/cluster-manifests/bench.yaml`'s, renamed per round.
 //!
-//! * sidecar ready -> app's first command: the proxy records when it opens
-//!   its port, the app when its first command runs (`/proc/uptime`). Through
+//! * sidecar ready -> app's first command: the proxy records when it first
+//!   connects to its own port (a loop of `wget` right after it starts
+//!   httpd), the app when its first command runs (`/proc/uptime`). Through
 //!   the shim the app's start is held until a TCP connect succeeds (checked
 //!   every 10 ms); native: kubelet starts the app once the sidecar's
 //!   `startupProbe` (tcpSocket, `periodSeconds: 1`, the least there is)
@@ -99,6 +100,8 @@ struct Seen {
     complete: HashMap<String, f64>,
     /// Pod name -> when its DELETED event came.
     deleted: HashMap<String, f64>,
+    /// Job name -> when its pod was first seen Succeeded.
+    succeeded: HashMap<String, f64>,
 }
 
 /// `kubectl get KIND --watch --output-watch-events -o json`, read by a
@@ -140,6 +143,10 @@ impl Watch {
                     seen.complete.entry(name).or_insert(at);
                 } else if kind == "pods" && event["type"] == "DELETED" {
                     seen.deleted.entry(name).or_insert(at);
+                } else if kind == "pods" && event["object"]["status"]["phase"] == "Succeeded" {
+                    if let Some(job) = event["object"]["metadata"]["labels"]["job-name"].as_str() {
+                        seen.succeeded.entry(job.to_owned()).or_insert(at);
+                    }
                 }
             }
         });
@@ -173,42 +180,64 @@ fn uid_of(cluster: &Cluster, name: &str) -> Result<String> {
     })
 }
 
-/// Sidecar listening -> app's first command, for the pods `names`; and how
+/// Sidecar listening -> app's first command and -> containerd's started_at
+/// of the app, for the pods `names`; and how
 /// many of the apps containerd created only after the proxy listened
 /// (kubelet was late: nothing was held).
-fn startup(cluster: &Cluster, names: &[String]) -> Result<(Vec<f64>, usize)> {
+fn startup(cluster: &Cluster, names: &[String]) -> Result<(Vec<(f64, f64)>, usize)> {
     let mut out = Vec::new();
     let mut late = 0;
     for name in names {
         let uid = uid_of(cluster, name)?;
         let (listen, start) = poll(cluster, &format!("{name}: the app's first command"), || {
             let r = cluster.records(&uid);
-            Ok(r.first("proxy", "listen").zip(r.first("app", "start")))
+            Ok(r.first("proxy", "ready").zip(r.first("app", "start")))
         })?;
-        let created = cluster.runtime_pod(&uid)?.one("app")?.created;
-        if created.is_some_and(|c| uptime_of(c) > listen + 0.01) {
+        let rt = cluster.runtime_pod(&uid)?;
+        let app = rt.one("app")?;
+        if app.created.is_some_and(|c| uptime_of(c) > listen + 0.01) {
             late += 1;
         }
-        out.push(start - listen);
+        let started = uptime_of(app.started.context("the app has no started_at")?);
+        // The first command, and containerd's started_at (the task runs).
+        out.push((start - listen, started - listen));
     }
     Ok((out, late))
 }
 
-/// The Job's pod's `main`: containerd's finished_at -> Complete seen.
-fn job_done(cluster: &Cluster, seen: &Mutex<Seen>, job: &str) -> Result<f64> {
+/// The Job's pod's `main`: containerd's finished_at -> Complete seen; and
+/// its parts: -> the proxy's finished_at, -> the pod seen Succeeded, ->
+/// Complete.
+fn job_done(cluster: &Cluster, seen: &Mutex<Seen>, job: &str) -> Result<(f64, [f64; 3])> {
     let complete = poll(cluster, &format!("Job {job} Complete"), || {
         Ok(seen.lock().unwrap().complete.get(job).copied())
     })?;
+    let succeeded = seen
+        .lock()
+        .unwrap()
+        .succeeded
+        .get(job)
+        .copied()
+        .unwrap_or(complete);
     let pods = cluster.pods(&format!("job-name={job}"))?;
     let pod = pods
         .first()
         .with_context(|| format!("Job {job} has no pod"))?;
     let rt = cluster.runtime_pod(pod_uid(pod))?;
-    let finished = rt
-        .one("main")?
-        .finished
-        .context("main has no finished_at")?;
-    Ok(complete - uptime_of(finished))
+    let main = uptime_of(
+        rt.one("main")?
+            .finished
+            .context("main has no finished_at")?,
+    );
+    let proxy = uptime_of(
+        rt.one("proxy")?
+            .finished
+            .context("the proxy has no finished_at")?,
+    );
+    Ok((
+        complete - main,
+        [proxy - main, succeeded - proxy, complete - succeeded],
+    ))
 }
 
 fn quantile(values: &[f64], q: f64) -> f64 {
@@ -278,6 +307,8 @@ fn main() -> Result<()> {
     let mut job: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut gone: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut created_late: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut ready_started: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut job_parts: BTreeMap<&str, Vec<[f64; 3]>> = BTreeMap::new();
     let rounds: Vec<usize> = (0..args.pods).collect();
     for chunk in rounds.chunks(args.parallel) {
         eprintln!(
@@ -307,14 +338,15 @@ fn main() -> Result<()> {
         for kind in kinds {
             let names: Vec<String> = chunk.iter().map(|i| format!("{kind}-start-{i}")).collect();
             let (times, late) = startup(&shim, &names)?;
-            ready.entry(kind).or_default().extend(times);
+            for (first, started) in times {
+                ready.entry(kind).or_default().push(first);
+                ready_started.entry(kind).or_default().push(started);
+            }
             *created_late.entry(kind).or_default() += late;
             for &i in chunk {
-                job.entry(kind).or_default().push(job_done(
-                    &shim,
-                    &seen,
-                    &format!("{kind}-job-{i}"),
-                )?);
+                let (total, parts) = job_done(&shim, &seen, &format!("{kind}-job-{i}"))?;
+                job.entry(kind).or_default().push(total);
+                job_parts.entry(kind).or_default().push(parts);
             }
         }
         // Deletion: every pod's app and proxy running, then one kubectl
@@ -400,11 +432,29 @@ fn main() -> Result<()> {
     row("pod deletion -> pod gone", &gone, 1000.0, "ms");
     println!();
     println!(
-        "(sidecar ready -> app: the proxy opens its port 1-2 s after it starts; apps containerd \
-         created only after that, so that nothing was held: {} through the shim, {} native)",
+        "sidecar ready -> app: the proxy opens its port 1-2 s after it starts; apps containerd \
+         created only after that (nothing held): {} through the shim, {} native. Of it, ready -> \
+         containerd's started_at of the app, p50/p95: {:.0}/{:.0} ms through the shim, \
+         {:.0}/{:.0} ms native.",
         created_late.get("shim").copied().unwrap_or(0),
-        created_late.get("native").copied().unwrap_or(0)
+        created_late.get("native").copied().unwrap_or(0),
+        quantile(&ready_started["shim"], 0.5) * 1000.0,
+        quantile(&ready_started["shim"], 0.95) * 1000.0,
+        quantile(&ready_started["native"], 0.5) * 1000.0,
+        quantile(&ready_started["native"], 0.95) * 1000.0,
     );
+    for kind in kinds {
+        let parts = &job_parts[kind];
+        let median =
+            |k: usize| quantile(&parts.iter().map(|p| p[k]).collect::<Vec<_>>(), 0.5) * 1000.0;
+        println!(
+            "last main exit -> Job Complete, {kind}, medians: -> the sidecar exited {:.0} ms, -> \
+             the pod seen Succeeded {:.0} ms more, -> Complete seen {:.0} ms more",
+            median(0),
+            median(1),
+            median(2)
+        );
+    }
     println!();
     println!(
         "| {total} pods at once ({} annotated, {} plain) | through the shim | without the shim |",

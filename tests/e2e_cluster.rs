@@ -170,8 +170,9 @@ fn startup_the_app_reaches_its_sidecar_on_the_first_try() -> Result<()> {
             )
         })?;
         eprintln!(
-            "through the shim, {name}: proxy listening -> app's first command {:.0} ms \
-             (containerd started_at {:.0} ms after); first connection succeeded, restartCount 0",
+            "through the shim, {name}: proxy's listen record (just before httpd binds) -> app's \
+             first command {:.0} ms (containerd started_at {:.0} ms after it); first connection \
+             succeeded, restartCount 0",
             (app_first - listen) * 1000.0,
             (app_started - listen) * 1000.0
         );
