@@ -180,11 +180,16 @@ fn uid_of(cluster: &Cluster, name: &str) -> Result<String> {
     })
 }
 
+/// Seconds from the sidecar's readiness to the app's first command and to
+/// containerd's started_at of the app, and from the app's created_at to its
+/// first command.
+type StartTimes = (f64, f64, f64);
+
 /// Sidecar listening -> app's first command and -> containerd's started_at
 /// of the app, for the pods `names`; and how
 /// many of the apps containerd created only after the proxy listened
 /// (kubelet was late: nothing was held).
-fn startup(cluster: &Cluster, names: &[String]) -> Result<(Vec<(f64, f64, f64)>, usize)> {
+fn startup(cluster: &Cluster, names: &[String]) -> Result<(Vec<StartTimes>, usize)> {
     let mut out = Vec::new();
     let mut late = 0;
     for name in names {
