@@ -420,7 +420,7 @@ fn the_job_pod(cluster: &Cluster, job: &str) -> Result<Value> {
 // ---------------------------------------------------------------------------
 // Deletion
 
-/// On pod deletion the app's last message, sent 2 s into its grace period,
+/// On pod deletion the app's last message, sent 3 s into its grace period,
 /// reaches the proxy, and the proxy's exec preStop hook runs after the app
 /// exited; without the shim the hook runs at once and the message is lost.
 #[test]
@@ -1213,13 +1213,13 @@ fn many_pods_without_failed_cri_calls() -> Result<()> {
         cluster.apply(&jobs)?;
     }
     let mut took = Vec::new();
+    let mut direct_restarts = 0;
     for cluster in [&shim, &direct] {
         cluster.wait_for(
             Duration::from_secs(300),
             &format!("{total} pods running"),
             || {
-                let pods = cluster.kubectl_json(&["get", "pods"])?;
-                let pods = pods["items"].as_array().cloned().unwrap_or_default();
+                let pods = cluster.pods("app in (load-annotated, load-plain)")?;
                 let restarted: Vec<String> = pods
                     .iter()
                     .flat_map(|p| {
@@ -1234,7 +1234,10 @@ fn many_pods_without_failed_cri_calls() -> Result<()> {
                             })
                     })
                     .collect();
-                if !restarted.is_empty() {
+                // Without the shim an annotated app may start before its
+                // proxy listens and be restarted: that is the problem the
+                // shim solves, counted, not an error.
+                if cluster.mode() == Mode::Shim && !restarted.is_empty() {
                     return Err(cluster.fail(&format!(
                         "{}: restarted:\n{}",
                         label(cluster),
@@ -1249,6 +1252,7 @@ fn many_pods_without_failed_cri_calls() -> Result<()> {
                             .all(|c| container_status(p, c).is_some_and(running))
                     })
                     .count();
+                direct_restarts = restarted.len();
                 Ok((running == total).then_some(()))
             },
         )?;
@@ -1318,8 +1322,9 @@ fn many_pods_without_failed_cri_calls() -> Result<()> {
     let pings = (shim.too_many_pings(), direct.too_many_pings());
     let report = format!(
         "{total} pods ({per_kind} annotated, {per_kind} plain) and {JOBS} demo Jobs: the \
-         {total} running through the shim after {:.1?}, without it {:.1?} (started side by \
-         side), the Jobs Complete through the shim; all deleted {deleted:.1?} later\n\
+         {total} running through the shim after {:.1?} with no restart, without it after \
+         {:.1?} with {direct_restarts} containers restarted (started side by side); the Jobs \
+         Complete through the shim; all deleted {deleted:.1?} later\n\
          GOAWAY too_many_pings in kubelet's log: through the shim {}, without {}\n\
          failed CRI calls in kubelet's log through the shim:\n{}without the shim:\n{}",
         took[0],
