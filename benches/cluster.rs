@@ -198,8 +198,17 @@ fn startup(cluster: &Cluster, names: &[String]) -> Result<(Vec<StartTimes>, usiz
             let r = cluster.records(&uid);
             Ok(r.first("proxy", "ready").zip(r.first("app", "start")))
         })?;
-        let rt = cluster.runtime_pod(&uid)?;
-        let app = rt.one("app")?;
+        // containerd notes started_at once its start call returns, which
+        // can be after the app's first command.
+        let app = poll(
+            cluster,
+            &format!("{name}: containerd's started_at of the app"),
+            || {
+                let rt = cluster.runtime_pod(&uid)?;
+                let app = rt.one("app")?.clone();
+                Ok(app.started.is_some().then_some(app))
+            },
+        )?;
         if app.created.is_some_and(|c| uptime_of(c) > listen + 0.01) {
             late += 1;
         }

@@ -153,7 +153,12 @@ fn startup_the_app_reaches_its_sidecar_on_the_first_try() -> Result<()> {
         })?;
         // containerd: one container of each, the app started after the proxy
         // began to listen (its record is written just before httpd binds).
-        let rt = shim.runtime_pod(pod_uid(&pod))?;
+        // containerd notes started_at once its start call returns, which
+        // can be just after the app's first command.
+        let rt = shim.wait_for(START_TIMEOUT, "containerd's started_at of the app", || {
+            let rt = shim.runtime_pod(pod_uid(&pod))?;
+            Ok(rt.one("app")?.started.is_some().then_some(rt))
+        })?;
         let app = rt.one("app")?;
         rt.one("proxy")?;
         let listen = records
