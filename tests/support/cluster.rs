@@ -13,6 +13,7 @@
 //! `SIDECAR_SHIM_KEEP_TEST_DIRS=1` keeps the directory (logs, state) after
 //! `hack/cluster down --keep`.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,11 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
+use k8s_cri::v1::{
+    ContainerFilter, ContainerStatusRequest, ListContainersRequest, ListPodSandboxRequest,
+    PodSandboxFilter,
+};
 use serde_json::Value;
 
 use super::{abandoned, hack, lock_owner, tail, test_images, ShimProcess, IMAGES_ENV, KEEP_ENV};
@@ -104,6 +109,17 @@ impl Cluster {
             cluster.dir.display()
         );
         Ok(cluster)
+    }
+
+    /// Two clusters brought up at once, one through the shim and one with
+    /// kubelet straight at containerd: `(shim, direct)`.
+    pub fn up_pair() -> Result<(Self, Self)> {
+        let direct = std::thread::spawn(|| Cluster::up(Mode::Direct));
+        let shim = Cluster::up(Mode::Shim);
+        let direct = direct
+            .join()
+            .map_err(|_| anyhow!("bringing up the direct cluster panicked"))?;
+        Ok((shim?, direct?))
     }
 
     pub fn mode(&self) -> Mode {
@@ -363,6 +379,410 @@ impl Drop for Cluster {
     }
 }
 
+impl Cluster {
+    /// Where the node's `path` is on this machine: the cluster's node shares
+    /// the host's file system except for the private directories of its
+    /// mount namespace; `/var/log` there is `DIR/containerd/var-log`
+    /// (hostPath volumes under /var/log land there).
+    pub fn node_path(&self, path: &str) -> PathBuf {
+        match path.strip_prefix("/var/log/") {
+            Some(rest) => self.dir.join("containerd/var-log").join(rest),
+            None => PathBuf::from(path),
+        }
+    }
+
+    /// What the containers of the pod with this uid recorded (the
+    /// manifests' `/record`: the node's /var/log/sidecar-shim-e2e/UID).
+    pub fn records(&self, pod_uid: &str) -> Records {
+        Records::read(&self.node_path(&format!("{RECORDS_DIR}/{pod_uid}")))
+    }
+
+    /// The record directories of every pod that had one, by pod uid.
+    pub fn all_records(&self) -> BTreeMap<String, Records> {
+        let root = self.node_path(RECORDS_DIR);
+        let mut all = BTreeMap::new();
+        for entry in fs::read_dir(&root).into_iter().flatten().flatten() {
+            let uid = entry.file_name().to_string_lossy().into_owned();
+            all.insert(uid, Records::read(&entry.path()));
+        }
+        all
+    }
+
+    /// A pod by name (`kubectl get pod NAME`).
+    pub fn pod(&self, name: &str) -> Result<Value> {
+        self.kubectl_json(&["get", "pod", name])
+    }
+
+    /// `hack/cluster restart COMPONENT --signal SIGNAL`: returns once the
+    /// component serves again.
+    pub fn restart(&self, component: &str, signal: &str) -> Result<Duration> {
+        let started = Instant::now();
+        let out = Command::new(hack("cluster"))
+            .args(["restart", component, "--signal", signal, "--dir"])
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .context("running hack/cluster restart")?;
+        if !out.status.success() {
+            return Err(self.fail(&format!(
+                "hack/cluster restart {component} --signal {signal} failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(started.elapsed())
+    }
+
+    /// containerd's own socket (not kubelet's endpoint when that is the shim).
+    pub fn containerd_socket(&self) -> PathBuf {
+        self.dir.join("containerd/containerd.sock")
+    }
+
+    /// The pod's sandboxes and containers as containerd has them, asked over
+    /// the CRI straight (never through the shim, whose answers may be
+    /// rewritten): every container ever created for the pod, oldest first.
+    pub fn runtime_pod(&self, pod_uid: &str) -> Result<RuntimePod> {
+        let socket = self.containerd_socket();
+        let uid = pod_uid.to_owned();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let (mut client, _) = super::cri_client(&socket);
+            let labels: std::collections::HashMap<String, String> =
+                [("io.kubernetes.pod.uid".to_owned(), uid.clone())].into();
+            let sandboxes = client
+                .list_pod_sandbox(ListPodSandboxRequest {
+                    filter: Some(PodSandboxFilter {
+                        label_selector: labels.clone(),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .context("ListPodSandbox (containerd)")?
+                .into_inner()
+                .items;
+            let listed = client
+                .list_containers(ListContainersRequest {
+                    filter: Some(ContainerFilter {
+                        label_selector: labels,
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .context("ListContainers (containerd)")?
+                .into_inner()
+                .containers;
+            let mut containers = Vec::new();
+            for c in listed {
+                let status = match client
+                    .container_status(ContainerStatusRequest {
+                        container_id: c.id.clone(),
+                        verbose: false,
+                    })
+                    .await
+                {
+                    Ok(s) => s.into_inner().status,
+                    // Removed between the list and now.
+                    Err(e) if e.code() == tonic::Code::NotFound => continue,
+                    Err(e) => return Err(anyhow!("ContainerStatus {} (containerd): {e}", c.id)),
+                };
+                let Some(s) = status else { continue };
+                let state = super::state_of(&s);
+                let meta = s.metadata.clone().unwrap_or_default();
+                containers.push(RuntimeContainer {
+                    id: s.id.clone(),
+                    name: meta.name,
+                    attempt: meta.attempt,
+                    state: state
+                        .as_str_name()
+                        .trim_start_matches("CONTAINER_")
+                        .to_owned(),
+                    created: nanos(s.created_at),
+                    started: nanos(s.started_at),
+                    finished: nanos(s.finished_at),
+                    exit_code: s.exit_code,
+                });
+            }
+            containers.sort_by_key(|c| c.created);
+            Ok(RuntimePod {
+                sandbox_created: sandboxes
+                    .iter()
+                    .map(|s| nanos(s.created_at))
+                    .min()
+                    .flatten(),
+                sandboxes: sandboxes.len(),
+                containers,
+            })
+        })
+    }
+
+    /// The annotations containerd has for a container (what kubelet sent
+    /// in CreateContainer), asked straight.
+    pub fn runtime_annotations(&self, container_id: &str) -> Result<BTreeMap<String, String>> {
+        let socket = self.containerd_socket();
+        let id = container_id.to_owned();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let (client, _) = super::cri_client(&socket);
+            let status = super::container_status(&client, &id).await?;
+            Ok(status.annotations.into_iter().collect())
+        })
+    }
+
+    /// The failed CRI calls in kubelet's log (klog error lines naming
+    /// `remote_runtime.go` or `from runtime service failed`), grouped by
+    /// what failed with ids, uids and numbers taken out, with their counts.
+    pub fn kubelet_cri_errors(&self) -> BTreeMap<String, usize> {
+        self.kubelet_cri_errors_since(0)
+    }
+
+    /// [`Cluster::kubelet_cri_errors`] from byte `offset` of kubelet's log
+    /// on (see [`Cluster::kubelet_log_len`]).
+    pub fn kubelet_cri_errors_since(&self, offset: u64) -> BTreeMap<String, usize> {
+        let log = fs::read(self.log_path("kubelet")).unwrap_or_default();
+        let from = (offset as usize).min(log.len());
+        cri_errors(&String::from_utf8_lossy(&log[from..]))
+    }
+
+    /// The length of kubelet's log now, for [`Cluster::kubelet_cri_errors_since`].
+    pub fn kubelet_log_len(&self) -> u64 {
+        fs::metadata(self.log_path("kubelet")).map_or(0, |m| m.len())
+    }
+}
+
+/// Under the node's /var/log: the manifests' record directories.
+pub const RECORDS_DIR: &str = "/var/log/sidecar-shim-e2e";
+
+/// See [`Cluster::kubelet_cri_errors`].
+pub fn cri_errors(log: &str) -> BTreeMap<String, usize> {
+    let mut classes = BTreeMap::new();
+    for line in log.lines() {
+        if !line.starts_with('E') {
+            continue;
+        }
+        if !(line.contains("remote_runtime.go") || line.contains("from runtime service failed")) {
+            continue;
+        }
+        // `E1205 20:53:16.052828  1234 file.go:42] "message" key=value...`
+        let Some((_, rest)) = line.split_once("] ") else {
+            continue;
+        };
+        let file = line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|f| f.split(':').next())
+            .unwrap_or("?");
+        classes
+            .entry(format!("{file}: {}", normalize(rest)))
+            .and_modify(|n| *n += 1)
+            .or_insert(1);
+    }
+    classes
+}
+
+/// A log message with what differs from one pod or container to the next
+/// (hex ids, uids, pod names' random suffixes, numbers) replaced, cut to its
+/// first 240 characters.
+fn normalize(text: &str) -> String {
+    let mut out = String::new();
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        let w = std::mem::take(word);
+        let hexish = w.len() >= 8 && w.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+        let numeric = w.chars().any(|c| c.is_ascii_digit());
+        if hexish {
+            out.push_str("<id>");
+        } else if numeric {
+            out.push('N');
+        } else {
+            out.push_str(&w);
+        }
+    };
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() || c == '-' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out.chars().take(240).collect()
+}
+
+/// A CRI timestamp (nanoseconds since the epoch, 0 for none).
+fn nanos(ns: i64) -> Option<i64> {
+    (ns > 0).then_some(ns)
+}
+
+/// A pod as containerd has it (see [`Cluster::runtime_pod`]).
+#[derive(Debug, Clone)]
+pub struct RuntimePod {
+    pub sandboxes: usize,
+    pub sandbox_created: Option<i64>,
+    pub containers: Vec<RuntimeContainer>,
+}
+
+impl RuntimePod {
+    /// The containers named `name`, oldest first.
+    pub fn named(&self, name: &str) -> Vec<&RuntimeContainer> {
+        self.containers.iter().filter(|c| c.name == name).collect()
+    }
+
+    /// The one container named `name`.
+    pub fn one(&self, name: &str) -> Result<&RuntimeContainer> {
+        match self.named(name).as_slice() {
+            [c] => Ok(c),
+            other => bail!(
+                "containerd has {} containers named {name} for the pod: {other:?}",
+                other.len()
+            ),
+        }
+    }
+}
+
+/// One container as containerd has it; times are CRI nanoseconds.
+#[derive(Debug, Clone)]
+pub struct RuntimeContainer {
+    pub id: String,
+    pub name: String,
+    pub attempt: u32,
+    /// CREATED, RUNNING, EXITED or UNKNOWN.
+    pub state: String,
+    pub created: Option<i64>,
+    pub started: Option<i64>,
+    pub finished: Option<i64>,
+    pub exit_code: i32,
+}
+
+/// What the containers of one pod wrote down: per container, its
+/// `UPTIME EVENT [DETAIL]` lines (the manifests' `r` function), and any other
+/// file of the directory (the proxy's request log) as text.
+#[derive(Debug, Clone, Default)]
+pub struct Records {
+    pub containers: BTreeMap<String, Vec<Record>>,
+    pub files: BTreeMap<String, String>,
+}
+
+/// One line of a container's record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// `/proc/uptime` when written (10 ms steps, truncated).
+    pub at: f64,
+    pub event: String,
+    pub detail: String,
+}
+
+impl Records {
+    fn read(dir: &Path) -> Self {
+        let mut records = Records::default();
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let text = fs::read_to_string(entry.path()).unwrap_or_default();
+            if name.contains('.') {
+                records.files.insert(name, text);
+                continue;
+            }
+            let lines = text
+                .lines()
+                .filter_map(|l| {
+                    let mut parts = l.splitn(3, ' ');
+                    let at = parts.next()?.parse().ok()?;
+                    Some(Record {
+                        at,
+                        event: parts.next()?.to_owned(),
+                        detail: parts.next().unwrap_or("").to_owned(),
+                    })
+                })
+                .collect();
+            records.containers.insert(name, lines);
+        }
+        records
+    }
+
+    /// The lines of `container` (none if it wrote nothing).
+    pub fn of(&self, container: &str) -> &[Record] {
+        self.containers
+            .get(container)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// When `container` first wrote `event`.
+    pub fn first(&self, container: &str, event: &str) -> Option<f64> {
+        self.of(container)
+            .iter()
+            .find(|r| r.event == event)
+            .map(|r| r.at)
+    }
+
+    /// How many times `container` wrote `event`.
+    pub fn count(&self, container: &str, event: &str) -> usize {
+        self.of(container)
+            .iter()
+            .filter(|r| r.event == event)
+            .count()
+    }
+
+    /// `container`'s events in order, e.g. `["start", "connected"]`.
+    pub fn events(&self, container: &str) -> Vec<&str> {
+        self.of(container)
+            .iter()
+            .map(|r| r.event.as_str())
+            .collect()
+    }
+}
+
+impl std::fmt::Display for Records {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (name, lines) in &self.containers {
+            let text: Vec<String> = lines
+                .iter()
+                .map(|r| {
+                    format!("{:.2} {} {}", r.at, r.event, r.detail)
+                        .trim_end()
+                        .to_owned()
+                })
+                .collect();
+            writeln!(f, "  {name}: {}", text.join(" | "))?;
+        }
+        for (name, text) in &self.files {
+            writeln!(f, "  {name}: {} lines", text.lines().count())?;
+        }
+        Ok(())
+    }
+}
+
+/// `/proc/uptime` (CLOCK_BOOTTIME, the containers' records' clock) at the
+/// wall-clock time `unix_nanos` (a CRI timestamp).
+pub fn uptime_of(unix_nanos: i64) -> f64 {
+    let (real, boot) = clocks();
+    boot + (unix_nanos as f64 / 1e9 - real)
+}
+
+/// `/proc/uptime` now, to the nanosecond.
+pub fn uptime_now() -> f64 {
+    clocks().1
+}
+
+/// CLOCK_REALTIME and CLOCK_BOOTTIME read back to back, in seconds.
+fn clocks() -> (f64, f64) {
+    use nix::libc;
+    let read = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    };
+    (read(libc::CLOCK_REALTIME), read(libc::CLOCK_BOOTTIME))
+}
+
 /// An error that ends a [`Cluster::wait_for`] at once.
 #[derive(Debug)]
 struct Fatal(String);
@@ -437,4 +857,28 @@ pub fn container_status<'a>(pod: &'a Value, name: &str) -> Option<&'a Value> {
 /// A pod's name, for messages.
 pub fn pod_name(pod: &Value) -> &str {
     pod["metadata"]["name"].as_str().unwrap_or("?")
+}
+
+/// The status of init container `name` in a Pod object.
+pub fn init_container_status<'a>(pod: &'a Value, name: &str) -> Option<&'a Value> {
+    pod["status"]["initContainerStatuses"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name)
+}
+
+/// A pod's uid.
+pub fn pod_uid(pod: &Value) -> &str {
+    pod["metadata"]["uid"].as_str().unwrap_or("?")
+}
+
+/// The document of `manifest` (a multi-document YAML text) whose
+/// `metadata.name` is `name`.
+pub fn manifest_doc(manifest: &str, name: &str) -> Result<String> {
+    let wanted = format!("\nmetadata:\n  name: {name}\n");
+    manifest
+        .split("\n---\n")
+        .find(|doc| format!("\n{doc}").contains(&wanted))
+        .map(|doc| format!("{}\n", doc.trim_end()))
+        .with_context(|| format!("no document named {name}"))
 }
