@@ -25,7 +25,7 @@ use crate::proxy::hpack::{self, HeaderList};
 
 mod relay;
 
-pub use relay::relay;
+pub use relay::{relay, relay_strict};
 
 /// Every target, by the name of its corpus directory (`fuzz/corpus/<name>`).
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
