@@ -27,8 +27,11 @@ mod relay;
 
 pub use relay::{relay, relay_strict};
 
+/// A fuzz target: takes the fuzzer's bytes, panics when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus directory (`fuzz/corpus/<name>`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("frame", frame),
     ("hpack_decode", hpack_decode),
     ("hpack_roundtrip", hpack_roundtrip),
