@@ -698,6 +698,9 @@ struct RtStream {
     credit: i64,
     /// Request bytes not given back yet.
     unreturned: i64,
+    /// Credit given beyond the DATA received (a runtime with a small
+    /// initial window opens each stream's window itself).
+    extra: i64,
 }
 
 struct Runtime {
@@ -1020,7 +1023,7 @@ impl Runtime {
                     frame::DEFAULT_WINDOW
                 };
                 assert!(
-                    initial - s.unreturned >= 0,
+                    initial + s.extra - s.unreturned >= 0,
                     "stream {id}: DATA beyond the runtime's window"
                 );
                 assert!(
@@ -1076,6 +1079,15 @@ impl Runtime {
             if s.unreturned > 0 && !s.req_ended && !s.done {
                 frame::put_window_update(&mut self.pending, id, s.unreturned as u32);
                 s.unreturned = 0;
+            }
+            let initial = if self.acks_received > 0 {
+                self.initial_window
+            } else {
+                frame::DEFAULT_WINDOW
+            };
+            if !s.req_ended && !s.done && initial + s.extra - s.unreturned < 16_384 {
+                frame::put_window_update(&mut self.pending, id, 65_535);
+                s.extra += 65_535;
             }
             if s.done || self.goaway.is_some_and(|last| id > last) {
                 continue;
