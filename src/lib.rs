@@ -5,6 +5,8 @@ pub mod admin;
 pub mod check;
 pub mod config;
 pub mod failpoint;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;
