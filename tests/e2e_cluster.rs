@@ -1036,6 +1036,114 @@ fn containerd_restarted_while_pods_run() -> Result<()> {
     restart_check(&cluster, &before, "containerd's SIGKILL and restart")
 }
 
+/// kubelet with the `EventedPLEG` gate (alpha in 1.28) on containerd 2.3:
+/// it takes container statuses from `GetContainerEvents` instead of asking
+/// ContainerStatus, so the events the shim hands it must carry the same
+/// rewrites as its status answers. A deferred app must read as running in
+/// them: containerd's own events say CREATED for as long as the start is
+/// deferred, and kubelet re-creates a container it sees created (the
+/// duplicate the shim exists to prevent).
+///
+/// kubelet 1.28's evented PLEG also re-creates containers on its own, in
+/// pods without any annotation and without the shim (kubernetes#121349,
+/// fixed after 1.28): a container it reads as created between its create
+/// and start calls is started again. That is counted, side by side with a
+/// cluster whose kubelet talks to containerd directly, not asserted.
+#[test]
+fn evented_pleg_kubelet_keeps_a_deferred_app() -> Result<()> {
+    let args = [
+        "--runtime",
+        "2.3",
+        "--kubelet-feature-gates",
+        "EventedPLEG=true",
+    ];
+    let direct = std::thread::spawn(move || Cluster::up_with(Mode::Direct, &args));
+    let shim = Cluster::up_with(Mode::Shim, &args)?;
+    let direct = direct
+        .join()
+        .map_err(|_| anyhow::anyhow!("bringing up the direct cluster panicked"))??;
+    let plain = manifest_doc(&manifest_text("plain.yaml")?, "plain-hooks")?;
+    for cluster in [&shim, &direct] {
+        cluster.apply(&plain)?;
+    }
+    shim.apply_file(&manifest("deferred-app.yaml"))?;
+    // Deferred: kubelet reads both containers as running (from the events
+    // the shim hands it), containerd has the app created only.
+    let (pod, _) = wait_pod(&shim, "deferred-app", "app deferred", |pod, r| {
+        let api_running = ["app", "proxy"]
+            .iter()
+            .all(|c| container_status(pod, c).is_some_and(running));
+        if !api_running || r.count("proxy", "start") == 0 {
+            return Ok(false);
+        }
+        let rt = shim.runtime_pod(pod_uid(pod))?;
+        Ok(rt.one("app")?.state == "CREATED" && rt.one("proxy")?.state == "RUNNING")
+    })?;
+    let uid = pod_uid(&pod).to_owned();
+    let app_id = shim.runtime_pod(&uid)?.one("app")?.id.clone();
+    // Hold the deferral while kubelet goes on receiving events (the other
+    // pods' starts and its own resyncs), then let the proxy get ready.
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(5) {
+        let rt = shim.runtime_pod(&uid)?;
+        check(&shim, rt.containers.len() == 2, || {
+            format!(
+                "while deferred, containerd has {} containers: {rt:?}",
+                rt.containers.len()
+            )
+        })?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    shim.kubectl(&[
+        "exec",
+        "deferred-app",
+        "-c",
+        "proxy",
+        "--",
+        "touch",
+        "/tmp/go",
+    ])?;
+    let (pod, records) = wait_pod(&shim, "deferred-app", "the app connected", |_, r| {
+        Ok(r.count("app", "connected") > 0)
+    })?;
+    let rt = shim.runtime_pod(&uid)?;
+    let app = rt.one("app")?;
+    check(&shim, app.id == app_id && app.state == "RUNNING", || {
+        format!("the deferred app was {app_id}, containerd now has {app:?}")
+    })?;
+    let status = status_of(&shim, &pod, "app")?;
+    check(
+        &shim,
+        status["restartCount"] == 0 && running(status),
+        || format!("the deferred app in the API: {status}"),
+    )?;
+    check(
+        &shim,
+        records.events("app") == ["start", "connected"],
+        || format!("the deferred app's records:\n{records}"),
+    )?;
+    // The same gate's own re-creations in a plain pod (two containers that
+    // run on), with and without the shim.
+    let mut recreated = Vec::new();
+    for cluster in [&shim, &direct] {
+        let pod = cluster.pod("plain-hooks")?;
+        let n = pod["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["restartCount"].as_i64().unwrap_or(0))
+            .sum::<i64>();
+        recreated.push(n);
+    }
+    eprintln!(
+        "EventedPLEG on containerd 2.3: the deferred app was held 5 s and started once, same \
+         container, restartCount 0; restarts in plain-hooks (kubelet's own evented-PLEG \
+         race): {} through the shim, {} directly",
+        recreated[0], recreated[1]
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // A Deployment
 

@@ -63,6 +63,12 @@ impl Cluster {
     /// `hack/cluster up` in a new temporary directory; returns once the
     /// node is Ready and pods can be created.
     pub fn up(mode: Mode) -> Result<Self> {
+        Self::up_with(mode, &[])
+    }
+
+    /// [`Self::up`] with more `hack/cluster up` arguments (`--runtime 2.3`,
+    /// `--kubelet-feature-gates EventedPLEG=true`).
+    pub fn up_with(mode: Mode, args: &[&str]) -> Result<Self> {
         let images = test_images()?;
         reap_stale_clusters();
         let base = tempfile::Builder::new()
@@ -86,6 +92,7 @@ impl Cluster {
         if mode == Mode::Direct {
             cmd.arg("--direct");
         }
+        cmd.args(args);
         let started = Instant::now();
         let out = cmd.output().context("running hack/cluster up")?;
         let up_took = started.elapsed();
