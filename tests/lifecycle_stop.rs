@@ -458,6 +458,70 @@ async fn job_pod_succeeds_once_main_exits_0() {
     .await;
 }
 
+/// Other clients subscribed to containerd's `GetContainerEvents` directly
+/// (three here): containerd 1.7 hands each event to one subscriber only, so
+/// most exits never reach the shim's subscription. The Job pod still
+/// completes, its sidecar stopped after main exited: on 1.7 the shim also
+/// reads the exits it waits for every second. (On 1.6, which has no events,
+/// and 2.3, which sends every subscriber every event, nothing is taken.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_completes_while_other_clients_take_containerds_events() {
+    let env = Env::start().await.expect("environment");
+    let mut takers = Vec::new();
+    for _ in 0..3 {
+        let (mut rt, _) = env.containerd.cri();
+        takers.push(tokio::spawn(async move {
+            let Ok(answer) = rt
+                .get_container_events(k8s_cri::v1::GetEventsRequest {})
+                .await
+            else {
+                return 0;
+            };
+            let mut stream = answer.into_inner();
+            let mut taken = 0;
+            while let Ok(Some(_)) = stream.message().await {
+                taken += 1;
+            }
+            taken
+        }));
+    }
+    let shared = env.shared("taken").unwrap();
+    let pod = env
+        .kubelet
+        .run_pod(job_pod("taken", &shared, 0, true))
+        .await
+        .expect("run pod");
+    env.check(&[&pod], async {
+        pod.wait_phase(Phase::Succeeded, TIMEOUT).await?;
+        let main_id = pod.container_ids("main").pop().context("no main")?;
+        let main = env.truth(&main_id).await?;
+        let proxy = env.only(&pod, "proxy").await?;
+        if (main.exit_code, proxy.exit_code) != (0, 143) {
+            bail!(
+                "containerd: main exited {}, proxy {} (want 0 and 143 from its SIGTERM trap)",
+                main.exit_code,
+                proxy.exit_code
+            );
+        }
+        let term = must_have_recorded(&shared, "proxy.term")?;
+        let main_done = uptime_of(main.finished_at);
+        if term < main_done - CLOCK_SLACK {
+            bail!("proxy got SIGTERM at {term:.3}, before main exited at {main_done:.3}");
+        }
+        eprintln!(
+            "with three other subscribers on containerd: main exited at {main_done:.3}, proxy \
+             SIGTERM +{:.3} s",
+            term - main_done
+        );
+        pod.delete(None).await?;
+        Ok(())
+    })
+    .await;
+    for taker in takers {
+        taker.abort();
+    }
+}
+
 /// (d) Restart policy Never, main exits 1: the sidecar is still stopped and
 /// reported exit 0, but the failed main makes the pod Failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

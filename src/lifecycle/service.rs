@@ -1262,8 +1262,9 @@ async fn driver(me: Arc<Inner>) {
                 tokio::spawn(probe_loop(me.clone(), container, pod));
             }
         }
-        // Exits are polled only while the runtime's events do not come.
-        if !me.events.live() {
+        // Exits are polled only while the runtime's events do not come (or
+        // may not all come to the shim).
+        if me.events.watch_interval().is_some() {
             for container in watched {
                 if lock(&me.probing).insert(format!("watch:{container}")) {
                     tokio::spawn(watch_loop(me.clone(), container));
@@ -1365,11 +1366,12 @@ async fn probe_loop(me: Arc<Inner>, container: String, pod: String) {
 async fn watch_loop(me: Arc<Inner>, container: String) {
     let key = format!("watch:{container}");
     loop {
-        if !lock(&me.machine).is_watched(&container) || me.events.live() {
+        let interval = me.events.watch_interval();
+        let Some(interval) = interval.filter(|_| lock(&me.machine).is_watched(&container)) else {
             break;
-        }
+        };
         me.observe_exit(&container).await;
-        tokio::time::sleep(WATCH_INTERVAL).await;
+        tokio::time::sleep(interval).await;
     }
     lock(&me.probing).remove(&key);
     me.wake.notify_one();

@@ -17,7 +17,9 @@
 //! sidecar the shim stopped exit 0 `Completed`): relayed as they were, they
 //! would show a deferred app CREATED and kubelet would create it again.
 //! It also has to be one subscription: containerd 1.7 hands each event to
-//! one of its subscribers only. On a runtime without events, clients get
+//! one of its subscribers only. For the same reason, on 1.7 the exits that
+//! matter are still read every second while events flow: a client
+//! subscribed to containerd directly takes some events away from the shim. On a runtime without events, clients get
 //! the runtime's own UNIMPLEMENTED; when the shim's subscription breaks,
 //! theirs end UNAVAILABLE (as a direct one would when the runtime goes) and
 //! they subscribe again.
@@ -41,6 +43,11 @@ const SETTLE: Duration = Duration::from_millis(500);
 /// Backoff of a subscription that failed, doubled up to the maximum.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often exits are read while events flow from a runtime that may give
+/// an event to another subscriber instead (containerd 1.7 hands each event
+/// to one of its subscribers: a client subscribed to containerd directly
+/// takes some away from the shim).
+const SPLIT_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// Events kept for a client that reads slowly; one that falls further
 /// behind has its stream ended (it subscribes again).
 const CLIENT_BACKLOG: usize = 1024;
@@ -63,6 +70,9 @@ pub(super) struct Events {
     for_exits: bool,
     /// The subscription runs.
     live: AtomicBool,
+    /// The runtime may hand an event to another of its subscribers instead
+    /// of the shim (containerd 1.7): exits are still polled, slowly.
+    split: AtomicBool,
     support: watch::Sender<Support>,
     /// Events for the clients' subscriptions, while the shim's runs.
     feed: Mutex<Option<broadcast::Sender<Arc<cri::ContainerEventResponse>>>>,
@@ -75,6 +85,7 @@ impl Events {
         Events {
             for_exits,
             live: AtomicBool::new(false),
+            split: AtomicBool::new(false),
             support: watch::channel(Support::Unknown).0,
             feed: Mutex::new(None),
             feed_changed: watch::channel(0).0,
@@ -84,6 +95,18 @@ impl Events {
     /// Exits come from the subscription (the watch loops stand down).
     pub(super) fn live(&self) -> bool {
         self.for_exits && self.live.load(Ordering::Acquire)
+    }
+
+    /// How often a container whose exit matters is read: never while the
+    /// events bring every exit, slowly while they may miss some (a runtime
+    /// that splits its events between subscribers), every
+    /// [`super::WATCH_INTERVAL`] otherwise.
+    pub(super) fn watch_interval(&self) -> Option<Duration> {
+        match (self.live(), self.split.load(Ordering::Acquire)) {
+            (false, _) => Some(super::WATCH_INTERVAL),
+            (true, true) => Some(SPLIT_WATCH_INTERVAL),
+            (true, false) => None,
+        }
     }
 }
 
@@ -162,11 +185,36 @@ async fn up(me: &Arc<Inner>) {
         );
         return;
     }
-    info!("subscribed to the runtime's container events: exits are no longer polled");
+    let version = me
+        .runtime
+        .clone()
+        .version(cri::VersionRequest::default())
+        .await;
+    let split = version.as_ref().is_ok_and(|v| splits_events(v.get_ref()));
+    me.events.split.store(split, Ordering::Release);
+    if split {
+        info!(
+            "subscribed to the runtime's container events; containerd 1.7 gives each event to \
+             one subscriber only, so exits are also read every {SPLIT_WATCH_INTERVAL:?} in case \
+             another client took one"
+        );
+    } else {
+        info!("subscribed to the runtime's container events: exits are no longer polled");
+    }
     let watched = lock(&me.machine).watched();
     for container in watched {
         me.observe_exit(&container).await;
     }
+}
+
+/// Whether the runtime hands each container event to one of its
+/// subscribers only: containerd 1.7 (2.x sends every event to every
+/// subscriber).
+fn splits_events(v: &cri::VersionResponse) -> bool {
+    v.runtime_name == "containerd"
+        && v.runtime_version
+            .trim_start_matches('v')
+            .starts_with("1.7.")
 }
 
 /// The subscription is gone (`why`: the error, if any): polling takes over,
@@ -272,4 +320,27 @@ pub(super) async fn subscribe(me: Arc<Inner>) -> Result<MessageStream, tonic::St
         }
     });
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(name: &str, version: &str) -> cri::VersionResponse {
+        cri::VersionResponse {
+            runtime_name: name.to_owned(),
+            runtime_version: version.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_containerd_1_7_splits_its_events() {
+        assert!(splits_events(&version("containerd", "v1.7.34")));
+        assert!(splits_events(&version("containerd", "1.7.0")));
+        assert!(!splits_events(&version("containerd", "v2.3.4")));
+        assert!(!splits_events(&version("containerd", "v1.6.20")));
+        assert!(!splits_events(&version("containerd", "v1.70.0")));
+        assert!(!splits_events(&version("cri-o", "1.7.1")));
+    }
 }
