@@ -914,14 +914,9 @@ fn snapshot(cluster: &Cluster) -> Result<Before> {
     Ok(before)
 }
 
-/// After the restart: the deferred app starts once its proxy is let get
-/// ready and reaches it first time; a pod created after the restart runs
-/// (kubelet syncs pods again); and every pod has the same containers as
-/// before, in the API and in containerd, none restarted, each started once
-/// by its own records.
-fn restart_check(cluster: &Cluster, before: &Before, what: &str) -> Result<()> {
-    // Let the deferred app's proxy get ready (kubectl exec: through kubelet
-    // and the runtime, both of which must be back).
+/// Lets `deferred-app`'s proxy get ready (`kubectl exec ... touch
+/// /tmp/go`: through kubelet and the runtime, retried until both serve).
+fn let_deferred_proxy_get_ready(cluster: &Cluster) -> Result<()> {
     cluster.wait_for(
         START_TIMEOUT,
         "kubectl exec into deferred-app's proxy",
@@ -939,6 +934,18 @@ fn restart_check(cluster: &Cluster, before: &Before, what: &str) -> Result<()> {
                 .ok())
         },
     )?;
+    Ok(())
+}
+
+/// After the restart: the deferred app starts once its proxy is let get
+/// ready and reaches it first time; a pod created after the restart runs
+/// (kubelet syncs pods again); and every pod has the same containers as
+/// before, in the API and in containerd, none restarted, each started once
+/// by its own records.
+fn restart_check(cluster: &Cluster, before: &Before, what: &str) -> Result<()> {
+    // Let the deferred app's proxy get ready (kubectl exec: through kubelet
+    // and the runtime, both of which must be back).
+    let_deferred_proxy_get_ready(cluster)?;
     wait_pod(cluster, "deferred-app", "the app connected", |_, r| {
         if r.count("app", "refused") > 0 {
             return Err(cluster.fail(&format!(
@@ -1099,15 +1106,7 @@ fn evented_pleg_kubelet_keeps_a_deferred_app() -> Result<()> {
         })?;
         std::thread::sleep(Duration::from_millis(200));
     }
-    shim.kubectl(&[
-        "exec",
-        "deferred-app",
-        "-c",
-        "proxy",
-        "--",
-        "touch",
-        "/tmp/go",
-    ])?;
+    let_deferred_proxy_get_ready(&shim)?;
     let (pod, records) = wait_pod(&shim, "deferred-app", "the app connected", |_, r| {
         Ok(r.count("app", "connected") > 0)
     })?;
