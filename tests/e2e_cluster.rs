@@ -26,6 +26,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::fs;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
@@ -1436,7 +1437,36 @@ fn many_pods_without_failed_cri_calls() -> Result<()> {
         }
         m.iter().map(|(k, n)| format!("  {n:5} {k}\n")).collect()
     };
-    let only_shim: Vec<&String> = s.keys().filter(|k| !d.contains_key(*k)).collect();
+    // kubelet removes a deleted pod's exited containers from two places
+    // (its pod container deletor, on each ContainerDied, and its container
+    // GC, every minute); when both pick the same container at once,
+    // containerd fails one of the two calls ("already in removing state",
+    // or "not found" when the other finished first). Timing decides which
+    // cluster hits it (about one container in a few hundred, seen through
+    // the shim in 2 of 4 CI runs), so it is no difference the shim makes.
+    // What the shim could do wrong, sending a removal again, shows in
+    // containerd's own log: every container is sent RemoveContainer as
+    // often through the shim as without it (once, or twice in that race).
+    let removal_race = |k: &String| {
+        k.contains("\"RemoveContainer from runtime service failed\"")
+            && (k.contains("in removing state") || k.contains("not found"))
+    };
+    let only_shim: Vec<&String> = s
+        .keys()
+        .filter(|k| !d.contains_key(*k) && !removal_race(k))
+        .collect();
+    let removals = (shim.runtime_removals(), direct.runtime_removals());
+    let raced = s
+        .iter()
+        .filter(|(k, _)| removal_race(k))
+        .map(|(_, n)| n)
+        .sum::<usize>();
+    let resent = removals.0.keys().any(|&calls| calls > 2);
+    let resends = fs::read_to_string(shim.log_path("sidecar-shim"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("sending the call again"))
+        .count();
     let pings = (shim.too_many_pings(), direct.too_many_pings());
     let report = format!(
         "{total} pods ({per_kind} annotated, {per_kind} plain) and {JOBS} demo Jobs: the \
@@ -1444,17 +1474,37 @@ fn many_pods_without_failed_cri_calls() -> Result<()> {
          {:.1?} with {direct_restarts} containers restarted (started side by side); the Jobs \
          Complete through the shim; all deleted {deleted:.1?} later\n\
          GOAWAY too_many_pings in kubelet's log: through the shim {}, without {}\n\
-         failed CRI calls in kubelet's log through the shim:\n{}without the shim:\n{}",
+         failed CRI calls in kubelet's log through the shim:\n{}without the shim:\n{}\
+         RemoveContainer calls per container in containerd's log (calls: containers): \
+         through the shim {:?}, without {:?}; kubelet's removal race failed {raced} of them \
+         through the shim; the shim's log has {resends} calls sent again\n",
         took[0],
         took[1],
         pings.0,
         pings.1,
         show(&s),
-        show(&d)
+        show(&d),
+        removals.0,
+        removals.1,
     );
-    if pings.0 > 0 || !only_shim.is_empty() {
+    if pings.0 > 0 || !only_shim.is_empty() || resent || (raced > 0 && resends > 0) {
         return Err(shim.fail(&format!("{report}only through the shim: {only_shim:?}")));
     }
     eprintln!("{report}");
     Ok(())
+}
+
+/// The count of RemoveContainer calls in containerd's log takes the
+/// requests, not their outcomes.
+#[test]
+fn containerd_log_removals_are_counted_per_request() {
+    let log = r#"time="2026-12-06T02:24:08.113118104Z" level=info msg="RemoveContainer for \"f39c\""
+time="2026-12-06T02:24:08.392330037Z" level=info msg="RemoveContainer for \"f39c\" returns successfully"
+time="2026-12-06T02:24:08.438705298Z" level=info msg="RemoveContainer for \"4e55\""
+time="2026-12-06T02:24:08.439705298Z" level=info msg="RemoveContainer for \"4e55\""
+time="2026-12-06T02:24:08.500399682Z" level=error msg="RemoveContainer for \"4e55\" failed" error="already in removing state"
+time="2026-12-06T02:24:08.500399682Z" level=info msg="StopContainer for \"77aa\""
+"#;
+    let histogram = support::cluster::removals(log);
+    assert_eq!(histogram, BTreeMap::from([(1, 1), (2, 1)]));
 }

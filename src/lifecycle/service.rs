@@ -355,7 +355,7 @@ impl Inner {
                         && unreachable(&e)
                         && Instant::now() + RECONCILE_RETRY < give_up =>
                 {
-                    debug!(rpc.method = %call.method, error = %e, "runtime unreachable; sending the call again");
+                    info!(rpc.method = %call.method, error = %e, "runtime unreachable; sending the call again");
                     tokio::time::sleep(RECONCILE_RETRY).await;
                 }
                 result => return result,

@@ -219,11 +219,10 @@ fn string(buf: &[u8]) -> Result<(Cow<'_, [u8]>, usize), DecodeError> {
         let mut out = Vec::with_capacity(len * 8 / 5 + 1);
         httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FourBits)
             .map_err(|_| DecodeError::Huffman)?;
-        // Every valid Huffman string is the one encoding of what it decodes
-        // to (padded with at most 7 bits of the EOS code, all ones, RFC 7541
-        // §5.2); the decoder above lets zero padding through, so compare.
-        let mut again = Vec::with_capacity(len);
-        if httlib_huffman::encode(&out, &mut again).is_err() || again != raw {
+        // The decoder lets zero padding through; RFC 7541 §5.2 allows only
+        // the most significant bits of the EOS code (all ones), fewer than
+        // 8. So `raw` must be exactly the decoded codes plus such padding.
+        if !padded_with_eos(raw, &out) {
             return Err(DecodeError::Huffman);
         }
         Cow::Owned(out)
@@ -231,6 +230,23 @@ fn string(buf: &[u8]) -> Result<(Cow<'_, [u8]>, usize), DecodeError> {
         Cow::Borrowed(raw)
     };
     Ok((value, n + len))
+}
+
+/// Whether the Huffman string `raw`, which decoded to `decoded`, is its
+/// codes followed by fewer than 8 padding bits, all ones (RFC 7541 §5.2):
+/// the one encoding of `decoded`.
+fn padded_with_eos(raw: &[u8], decoded: &[u8]) -> bool {
+    let table = &httlib_huffman::encoder::table::ENCODE_TABLE;
+    let bits: usize = decoded
+        .iter()
+        .map(|&b| usize::from(table[usize::from(b)].0))
+        .sum();
+    if raw.len() != bits.div_ceil(8) {
+        return false;
+    }
+    let pad = raw.len() * 8 - bits;
+    let mask = ((1u16 << pad) - 1) as u8;
+    raw.last().is_none_or(|&last| last & mask == mask)
 }
 
 /// Encodes one direction of a connection's header blocks. Repeated fields

@@ -554,6 +554,14 @@ impl Cluster {
         cri_errors(&String::from_utf8_lossy(&log[from..]))
     }
 
+    /// How many containers containerd was sent RemoveContainer once, twice,
+    /// ...: calls -> containers (from containerd's own log, which has a line
+    /// for every RemoveContainer it is sent and one for its outcome).
+    pub fn runtime_removals(&self) -> BTreeMap<usize, usize> {
+        let log = fs::read_to_string(self.log_path("containerd")).unwrap_or_default();
+        removals(&log)
+    }
+
     /// The length of kubelet's log now, for [`Cluster::kubelet_cri_errors_since`].
     pub fn kubelet_log_len(&self) -> u64 {
         fs::metadata(self.log_path("kubelet")).map_or(0, |m| m.len())
@@ -562,6 +570,26 @@ impl Cluster {
 
 /// Under the node's /var/log: the manifests' record directories.
 pub const RECORDS_DIR: &str = "/var/log/sidecar-shim-e2e";
+
+/// See [`Cluster::runtime_removals`].
+pub fn removals(containerd_log: &str) -> BTreeMap<usize, usize> {
+    let mut per_container: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in containerd_log.lines() {
+        let Some((_, rest)) = line.split_once("msg=\"RemoveContainer for \\\"") else {
+            continue;
+        };
+        // The request, not its `... returns successfully` or failure line.
+        let Some((id, "\"")) = rest.split_once("\\\"") else {
+            continue;
+        };
+        *per_container.entry(id).or_default() += 1;
+    }
+    let mut histogram = BTreeMap::new();
+    for calls in per_container.into_values() {
+        *histogram.entry(calls).or_default() += 1;
+    }
+    histogram
+}
 
 /// See [`Cluster::kubelet_cri_errors`].
 pub fn cri_errors(log: &str) -> BTreeMap<String, usize> {
