@@ -34,6 +34,7 @@ use crate::metrics::{Hold, Metrics};
 use crate::proxy::{CallFuture, Interceptor, LocalCall, StreamFuture};
 
 mod events;
+mod task_exits;
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
 
@@ -1074,6 +1075,7 @@ async fn start_up(me: Arc<Inner>) {
     }
     tokio::spawn(driver(me.clone()));
     tokio::spawn(events::run(me.clone()));
+    tokio::spawn(task_exits::run(me.clone()));
     if me.store.is_some() {
         tokio::spawn(store_retry(me.clone()));
     }

@@ -1,15 +1,18 @@
 //! Container events from the runtime (CRI `GetContainerEvents`, answered by
 //! containerd 1.7 and later; 1.6 answers UNIMPLEMENTED).
 //!
-//! The shim holds one subscription. While it runs, container exits come
-//! from it as they happen and nothing is polled; the exits the lifecycle
-//! waits for are otherwise polled every 100 ms ([`super::watch_loop`]). The
-//! runtime sends its first response headers only with its first event, so
-//! a subscription that has not failed within [`SETTLE`] is taken as
-//! established; then every watched container is read once, so that an exit
-//! between the last poll and the subscription is not missed. When the
-//! stream breaks, polling takes over again at once and the subscription is
-//! made again with backoff (and read once more when it is back).
+//! The shim holds one subscription, for its clients (below) and, on a
+//! runtime without containerd's own task exit events
+//! ([`super::task_exits`], which come first and faster wherever they
+//! are), for exits. While it brings exits, nothing is polled; the exits the
+//! lifecycle waits for are otherwise polled every 100 ms
+//! ([`super::watch_loop`]). The runtime sends its first response headers
+//! only with its first event, so a subscription that has not failed within
+//! [`SETTLE`] is taken as established; then every watched container is read
+//! once, so that an exit between the last poll and the subscription is not
+//! missed. When the stream breaks, polling takes over again at once and the
+//! subscription is made again with backoff (and read once more when it is
+//! back).
 //!
 //! Clients that subscribe through the shim (kubelet with the `EventedPLEG`
 //! gate) get the same events from that one subscription, with the container
@@ -18,11 +21,12 @@
 //! would show a deferred app CREATED and kubelet would create it again.
 //! It also has to be one subscription: containerd 1.7 hands each event to
 //! one of its subscribers only. For the same reason, on 1.7 the exits that
-//! matter are still read every second while events flow: a client
-//! subscribed to containerd directly takes some events away from the shim. On a runtime without events, clients get
-//! the runtime's own UNIMPLEMENTED; when the shim's subscription breaks,
-//! theirs end UNAVAILABLE (as a direct one would when the runtime goes) and
-//! they subscribe again.
+//! matter are still read every second while these events bring them: a
+//! client subscribed to containerd directly takes some events away from the
+//! shim. On a runtime without events, clients get the runtime's own
+//! UNIMPLEMENTED; when the shim's subscription breaks, theirs end
+//! UNAVAILABLE (as a direct one would when the runtime goes) and they
+//! subscribe again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,10 +68,13 @@ enum Support {
 }
 
 pub(super) struct Events {
-    /// Exits may come from the subscription (config `exit_events`; when
+    /// Exits may come from the subscriptions (config `exit_events`; when
     /// false they are polled even while events flow, for the clients'
     /// subscriptions only).
     for_exits: bool,
+    /// containerd's own task exit subscription runs ([`super::task_exits`]):
+    /// exits come from it, whatever this one does.
+    pub(super) task_exits: AtomicBool,
     /// The subscription runs.
     live: AtomicBool,
     /// The runtime may hand an event to another of its subscribers instead
@@ -84,6 +91,7 @@ impl Events {
     pub(super) fn new(for_exits: bool) -> Self {
         Events {
             for_exits,
+            task_exits: AtomicBool::new(false),
             live: AtomicBool::new(false),
             split: AtomicBool::new(false),
             support: watch::channel(Support::Unknown).0,
@@ -92,9 +100,19 @@ impl Events {
         }
     }
 
-    /// Exits come from the subscription (the watch loops stand down).
-    pub(super) fn live(&self) -> bool {
-        self.for_exits && self.live.load(Ordering::Acquire)
+    pub(super) fn for_exits(&self) -> bool {
+        self.for_exits
+    }
+
+    /// Exits come from containerd's task exit events.
+    pub(super) fn task_exits(&self) -> bool {
+        self.for_exits && self.task_exits.load(Ordering::Acquire)
+    }
+
+    /// Exits come from this subscription (the runtime has no task exit
+    /// events, or they are down).
+    fn live(&self) -> bool {
+        self.for_exits && !self.task_exits() && self.live.load(Ordering::Acquire)
     }
 
     /// How often a container whose exit matters is read: never while the
@@ -102,6 +120,9 @@ impl Events {
     /// that splits its events between subscribers), every
     /// [`super::WATCH_INTERVAL`] otherwise.
     pub(super) fn watch_interval(&self) -> Option<Duration> {
+        if self.task_exits() {
+            return None;
+        }
         match (self.live(), self.split.load(Ordering::Acquire)) {
             (false, _) => Some(super::WATCH_INTERVAL),
             (true, true) => Some(SPLIT_WATCH_INTERVAL),
@@ -192,7 +213,9 @@ async fn up(me: &Arc<Inner>) {
         .await;
     let split = version.as_ref().is_ok_and(|v| splits_events(v.get_ref()));
     me.events.split.store(split, Ordering::Release);
-    if split {
+    if me.events.task_exits() {
+        info!("subscribed to the runtime's container events (exits come from containerd's task exit events)");
+    } else if split {
         info!(
             "subscribed to the runtime's container events; containerd 1.7 gives each event to \
              one subscriber only, so exits are also read every {SPLIT_WATCH_INTERVAL:?} in case \
@@ -246,7 +269,7 @@ async fn handle(me: &Arc<Inner>, event: cri::ContainerEventResponse) {
         // No receiver: no client subscribed; nothing to do.
         let _ = feed.send(Arc::new(event));
     }
-    if stopped && me.events.for_exits && lock(&me.machine).is_watched(&id) {
+    if stopped && me.events.live() && lock(&me.machine).is_watched(&id) {
         match code {
             Some(code) => me.feed(Event::Exited {
                 container: id,
