@@ -119,6 +119,9 @@ impl Env {
             async move { reached.exists() }
         })
         .await?;
+        if fault != Fault::KillShim {
+            self.await_recorded_exit(point).await?;
+        }
         match fault {
             Fault::KillShim => {
                 let mut old = self.shim.take().expect("a shim runs");
@@ -144,6 +147,38 @@ impl Env {
         }
         eprintln!("{fault:?} at {point}");
         Ok(())
+    }
+
+    /// At `after:exited:NAME`, wait until containerd's CRI has recorded the
+    /// exit of NAME. The shim hears of an exit from containerd's task
+    /// events, before the CRI has deleted the task and written the exit
+    /// down; containerd killed in between loses the exit code itself
+    /// (1.7 and later then report exit 255 "Unknown", with or without the
+    /// shim). The fault is meant to land after the exit, as containerd
+    /// knows it.
+    async fn await_recorded_exit(&self, point: &str) -> Result<()> {
+        let Some(name) = point.strip_prefix("after:exited:") else {
+            return Ok(());
+        };
+        wait_for(
+            TIMEOUT,
+            &format!("containerd to record {name}'s exit"),
+            move || async move {
+                let (mut rt, _) = self.containerd.cri();
+                let Ok(list) = rt.list_containers(ListContainersRequest::default()).await else {
+                    return false;
+                };
+                let mut named = list
+                    .into_inner()
+                    .containers
+                    .into_iter()
+                    .filter(|c| c.metadata.as_ref().is_some_and(|m| m.name == name))
+                    .peekable();
+                named.peek().is_some()
+                    && named.all(|c| c.state == ContainerState::ContainerExited as i32)
+            },
+        )
+        .await
     }
 
     /// containerd's own view of a container (never through the shim).
