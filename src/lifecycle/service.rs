@@ -134,6 +134,10 @@ struct Inner {
     specs: Mutex<HashMap<String, Arc<PodSpec>>>,
     /// Probe and watch tasks running, by container id.
     probing: Mutex<HashSet<String>>,
+    /// Watched containers read once since they became watched, while exits
+    /// come from events (an exit the events brought before the container
+    /// mattered, to a shim that was not running yet, is not missed).
+    read_once: Mutex<HashSet<String>>,
     /// Network namespaces by sandbox id.
     netns: Mutex<HashMap<String, Option<PathBuf>>>,
     /// Maps the machine's instants to wall-clock time (records, timestamps).
@@ -204,6 +208,7 @@ impl Lifecycle {
             rejected: Mutex::default(),
             specs: Mutex::default(),
             probing: Mutex::default(),
+            read_once: Mutex::default(),
             netns: Mutex::default(),
             clock: WallClock::now(),
             store: state_dir.map(|d| Mutex::new(Store::open(&d))),
@@ -1265,11 +1270,21 @@ async fn driver(me: Arc<Inner>) {
             }
         }
         // Exits are polled only while the runtime's events do not come (or
-        // may not all come to the shim).
+        // may not all come to the shim); otherwise a container is read once
+        // when it starts to matter.
         if me.events.watch_interval().is_some() {
             for container in watched {
                 if lock(&me.probing).insert(format!("watch:{container}")) {
                     tokio::spawn(watch_loop(me.clone(), container));
+                }
+            }
+        } else {
+            let mut read = lock(&me.read_once);
+            read.retain(|c| watched.contains(c));
+            for container in watched {
+                if read.insert(container.clone()) {
+                    let me = me.clone();
+                    tokio::spawn(async move { me.observe_exit(&container).await });
                 }
             }
         }

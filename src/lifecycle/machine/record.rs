@@ -490,6 +490,9 @@ impl Machine {
         };
         let before = c.state.clone();
         match rc.state {
+            // An exit heard from containerd's task events before its CRI
+            // wrote it down: a container that exited never runs again.
+            RuntimeState::Running if matches!(c.state, State::Exited { .. }) => {}
             RuntimeState::Running => {
                 if !matches!(c.state, State::Running) {
                     // Started (by kubelet's call or the shim's own) before

@@ -1247,3 +1247,24 @@ fn records_round_trip_through_json() {
     m.restore(w.now, &clock, back);
     assert_eq!(m.record("pod", &clock).unwrap(), record);
 }
+
+/// An exit the shim heard from containerd's task events, before the CRI
+/// wrote it down, survives a restart whose reconcile still reads the
+/// container running: a container that exited never runs again.
+#[test]
+fn reconcile_keeps_an_exit_the_cri_has_not_written_down_yet() {
+    let mut w = World::new(spec(&["proxy"], Restart::JobDefault, OnReadyTimeout::Fail));
+    proxy_running(&mut w);
+    let app = w.create("app");
+    w.start("app");
+    w.started("app");
+    assert!(w.m.is_watched(&app));
+    w.exited("app", 0);
+    let view = w.runtime(|_| RuntimeState::Running);
+    w.crash(view);
+    assert!(w.m.knows(&app));
+    assert!(
+        !w.m.is_watched(&app),
+        "the exited app reads as running again"
+    );
+}

@@ -154,7 +154,10 @@ pub(super) async fn run(me: Arc<Inner>) {
             match stream.message().await {
                 Ok(Some(envelope)) => {
                     if let Some((container, code)) = container_exit(&envelope) {
-                        if lock(&me.machine).is_watched(&container) {
+                        // Every exit of a container the shim knows: one
+                        // that does not matter yet may matter once the
+                        // CRI still reads it running.
+                        if lock(&me.machine).knows(&container) {
                             debug!(container, code, "task exit event");
                             me.feed(Event::Exited { container, code });
                         }
