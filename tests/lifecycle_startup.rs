@@ -17,7 +17,8 @@
 //!   until the sidecar answers 200.
 //! * c. two sidecars with exec readiness: each starts after the one before
 //!   is ready, the app after both; on deletion SIGTERM goes app, sidecar 2,
-//!   sidecar 1.
+//!   sidecar 1, each once the one before has exited (every container takes
+//!   1 s to exit, so the order shows in containerd's `finished_at`).
 //! * g. a malformed annotation: the pod runs as without the shim, with one
 //!   warning in the shim's log.
 //! * h. a pod without annotations: the shim answers exactly as containerd.
@@ -57,6 +58,11 @@ const PORT: u16 = 8080;
 /// Slack when comparing a container's `/proc/uptime` reading (10 ms steps)
 /// with a containerd wall-clock time converted to uptime.
 const CLOCK_SLACK: f64 = 0.02;
+/// How long every container here takes to exit after its SIGTERM (its trap
+/// sleeps this long). It is what makes a stop order visible: a container
+/// signalled only once the one before it had exited finishes at least this
+/// long after it, while containers signalled together finish together.
+const EXIT_DELAY: Duration = Duration::from_secs(1);
 
 const SIDECARS: &str = "sidecar-shim.io/sidecars";
 
@@ -170,12 +176,14 @@ async fn recorded(dir: &Path, file: &str) -> Result<f64> {
 }
 
 /// A container command: SIGTERM is trapped (recorded in /shared/NAME.term,
-/// then exit 0), `body` runs (it must end with `;` or `&`), then the shell
-/// idles until SIGTERM.
+/// then exit 0 after [`EXIT_DELAY`]), `body` runs (it must end with `;` or
+/// `&`), then the shell idles until SIGTERM (in `wait`, which the trapped
+/// signal interrupts at once).
 fn script(name: &str, body: &str) -> Vec<String> {
     sh(&format!(
-        "trap 'cat /proc/uptime >> /shared/{name}.term; exit 0' TERM; {body} \
-         while :; do sleep 0.1; done"
+        "trap 'cat /proc/uptime >> /shared/{name}.term; sleep {}; exit 0' TERM; {body} \
+         while :; do sleep 3600 & wait $!; done",
+        EXIT_DELAY.as_secs()
     ))
 }
 
@@ -240,6 +248,90 @@ async fn wait_really_running(
     .with_context(|| env.diag(pod))
 }
 
+/// Delete `pod` the way kubelet does, and check from containerd and the
+/// containers' own records that SIGTERM reached the containers in `order`
+/// (normal containers first, then the sidecars last to first), each only
+/// once the one before it had exited. Returns the simulator's stop timings.
+///
+/// Every container takes [`EXIT_DELAY`] to exit after its SIGTERM, so the
+/// order shows in containerd's `finished_at`: a container signalled only
+/// after the one before had exited finishes at least `EXIT_DELAY` after it,
+/// and its SIGTERM record is no earlier than that exit. Had the shim let
+/// every SIGTERM through at once, all would have been signalled together
+/// and finished together, `EXIT_DELAY` short of both checks.
+async fn check_stopped_in_order(
+    env: &Env,
+    pod: &PodHandle,
+    dir: &Path,
+    order: &[&str],
+) -> Result<Vec<StopTiming>> {
+    let ids = order
+        .iter()
+        .map(|name| pod.container_ids(name).pop().context("no attempt"))
+        .collect::<Result<Vec<_>>>()?;
+    // Up to the removal: the stopped containers stay in containerd, to be
+    // read directly.
+    let timings = pod.terminate(None).await?;
+    ensure!(timings.iter().all(|t| t.error.is_none()), "{timings:?}");
+    let mut exits = Vec::new();
+    for (name, id) in order.iter().zip(&ids) {
+        let t = env.truth(id).await?;
+        let term = recorded(dir, &format!("{name}.term")).await?;
+        ensure!(
+            state(&t) == ContainerState::ContainerExited && t.exit_code == 0,
+            "{name} not ended by its SIGTERM trap: {:?} exit {}\n{}",
+            state(&t),
+            t.exit_code,
+            env.diag(pod)
+        );
+        exits.push((*name, term, t.finished_at));
+    }
+    let line: Vec<String> = exits
+        .iter()
+        .map(|(name, term, done)| {
+            format!(
+                "{name} SIGTERM {term:.2} exited {:.3}",
+                uptime_of_nanos(*done)
+            )
+        })
+        .collect();
+    eprintln!("stop order (uptime): {}", line.join("; "));
+    let delay = EXIT_DELAY.as_nanos() as i64;
+    let slack = (CLOCK_SLACK * 1e9) as i64;
+    for pair in exits.windows(2) {
+        let [(before, _, before_done), (after, after_term, after_done)] = pair else {
+            unreachable!()
+        };
+        let before_exit = uptime_of_nanos(*before_done);
+        ensure!(
+            *after_term >= before_exit - CLOCK_SLACK,
+            "{after} got SIGTERM at {after_term}, before {before} exited at {before_exit:.3}\n{}",
+            env.diag(pod)
+        );
+        ensure!(
+            after_done - before_done >= delay - slack,
+            "{after} exited {:.3} s after {before}, less than the {EXIT_DELAY:?} it takes \
+             after its SIGTERM\n{}",
+            (after_done - before_done) as f64 / 1e9,
+            env.diag(pod)
+        );
+    }
+    // kubelet asked for every stop before the first container had even
+    // exited: the order is the shim's doing.
+    let first_exit = exits.first().map(|e| e.2).context("no containers")?;
+    for t in &timings {
+        ensure!(
+            unix_nanos_at(t.sent) < first_exit,
+            "kubelet stopped {} only after {} exited: {timings:?}",
+            t.container,
+            order[0]
+        );
+    }
+    let removed = pod.delete(None).await?;
+    ensure!(removed.is_empty(), "stopped again on removal: {removed:?}");
+    Ok(timings)
+}
+
 fn list_filter(state: Option<ContainerState>, uid: &str) -> ListContainersRequest {
     ListContainersRequest {
         filter: Some(ContainerFilter {
@@ -259,7 +351,8 @@ fn list_filter(state: Option<ContainerState>, uid: &str) -> ListContainersReques
 /// containerd has it CREATED, exec into it fails at once, kubelet makes no
 /// second attempt, and containerd starts it only after the proxy opened its
 /// port (which it does 2 s after it starts: long enough that kubelet's PLEG
-/// relists, once a second, and reads the pod while the app waits).
+/// relists, once a second, and reads the pod while the app waits). On
+/// deletion the proxy gets its SIGTERM once the app has exited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_app_listed_first_is_deferred_until_the_sidecar_port_opens() -> Result<()> {
     let env = Env::start().await?;
@@ -422,15 +515,8 @@ async fn a_app_listed_first_is_deferred_until_the_sidecar_port_opens() -> Result
     );
     pod.wait_phase(Phase::Running, TIMEOUT).await?;
 
-    // Teardown: the sidecar gets its SIGTERM after the app.
-    let timings = pod.delete(None).await?;
-    ensure!(timings.iter().all(|t| t.error.is_none()), "{timings:?}");
-    let app_term = recorded(dir, "app.term").await?;
-    let proxy_term = recorded(dir, "proxy.term").await?;
-    ensure!(
-        app_term <= proxy_term,
-        "proxy SIGTERM at {proxy_term}, app at {app_term}"
-    );
+    // Teardown: the sidecar gets its SIGTERM once the app has exited.
+    check_stopped_in_order(&env, &pod, dir, &["app", "proxy"]).await?;
     ensure!(pod.duplicates().is_empty(), "{}", env.diag(&pod));
     assert_eq!(recorded_all(dir, "app.start").len(), 1);
     Ok(())
@@ -442,7 +528,8 @@ async fn a_app_listed_first_is_deferred_until_the_sidecar_port_opens() -> Result
 /// Spec order [proxy, app], proxy ready on HTTP: the proxy serves at once but
 /// answers 404 until, 1 s later, it writes the file the check asks for.
 /// kubelet's StartContainer of the app is held until the proxy answers 200
-/// and the app starts only then.
+/// and the app starts only then. On deletion the proxy gets its SIGTERM once
+/// the app has exited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b_app_listed_after_its_sidecar_is_held_until_http_200() -> Result<()> {
     let env = Env::start().await?;
@@ -518,14 +605,18 @@ async fn b_app_listed_after_its_sidecar_is_held_until_http_200() -> Result<()> {
         env.diag(&pod)
     );
     pod.wait_phase(Phase::Running, TIMEOUT).await?;
-    let timings = pod.delete(None).await?;
-    ensure!(timings.iter().all(|t| t.error.is_none()), "{timings:?}");
-    ensure!(recorded(dir, "app.term").await? <= recorded(dir, "proxy.term").await?);
+    check_stopped_in_order(&env, &pod, dir, &["app", "proxy"]).await?;
     Ok(())
 }
 
 // ---------------------------------------------------------------------------
 // c. two sidecars, exec readiness; reverse-order stop
+
+/// terminationGracePeriodSeconds of the pod in c: its three containers stop
+/// one after the other, each taking [`EXIT_DELAY`] after the shim saw the
+/// one before exit; well clear of that, so that only a stop held until its
+/// grace ran out (the failure) comes near it.
+const SEQUENTIAL_GRACE: Duration = Duration::from_secs(30);
 
 /// Sidecars s1 and s2 (in that order), each ready (an exec check finds
 /// /tmp/ready) about 1 s after it starts; spec order [s1, s2, app]. s2
@@ -554,7 +645,7 @@ async fn c_two_exec_sidecars_start_in_order_and_stop_in_reverse() -> Result<()> 
         .kubelet
         .run_pod(
             PodDef::new("two-exec")
-                .termination_grace(GRACE)
+                .termination_grace(SEQUENTIAL_GRACE)
                 .annotation(SIDECARS, "s1,s2")
                 .annotation(&ready_key("s1"), check)
                 .annotation(&ready_key("s2"), check)
@@ -610,41 +701,18 @@ async fn c_two_exec_sidecars_start_in_order_and_stop_in_reverse() -> Result<()> 
     ensure!(pod.duplicates().is_empty(), "{}", env.diag(&pod));
     pod.wait_phase(Phase::Running, TIMEOUT).await?;
 
-    // Deletion: kubelet stops all three at once; SIGTERM reaches them in
-    // reverse order, each after the one before has exited.
+    // Deletion: kubelet stops all three at once (each before the app
+    // exited); SIGTERM reaches them in reverse order, each after the one
+    // before has exited.
     let began = Instant::now();
-    let timings = pod.delete(None).await?;
+    let timings = check_stopped_in_order(&env, &pod, dir, &["app", "s2", "s1"]).await?;
     let took = began.elapsed();
-    ensure!(timings.iter().all(|t| t.error.is_none()), "{timings:?}");
     let names: Vec<&str> = timings.iter().map(|t| t.container.as_str()).collect();
     assert_eq!(names, ["s1", "s2", "app"]);
-    let (app_term, s2_term, s1_term) = (
-        recorded(dir, "app.term").await?,
-        recorded(dir, "s2.term").await?,
-        recorded(dir, "s1.term").await?,
-    );
-    // containerd's exit times are gone with the pod; the containers' own
-    // records order the SIGTERMs. Each container writes its record in its
-    // trap and exits right after, so a later record also means the SIGTERM
-    // came after the one before was on its way out.
-    eprintln!(
-        "delete took {took:?}; SIGTERM uptime: app {app_term:.2}, s2 {s2_term:.2}, s1 {s1_term:.2}"
-    );
-    ensure!(
-        app_term <= s2_term && s2_term <= s1_term,
-        "SIGTERM order: app {app_term}, s2 {s2_term}, s1 {s1_term}\n{}",
-        env.diag(&pod)
-    );
-    // The stops were sent together; each sidecar's was held until the exit
-    // before it.
-    let first_sent = timings.iter().map(|t| t.sent).min().context("no stops")?;
-    for t in &timings {
-        ensure!(
-            t.sent.duration_since(first_sent) < Duration::from_secs(1),
-            "stops not sent together: {timings:?}"
-        );
-    }
-    ensure!(took < GRACE, "delete took {took:?}");
+    eprintln!("delete took {took:?}");
+    // Not by the grace period running out (each held stop would have waited
+    // for it).
+    ensure!(took < SEQUENTIAL_GRACE, "delete took {took:?}");
     assert_eq!(pod.phase(), Phase::Succeeded, "{}", env.diag(&pod));
     Ok(())
 }
