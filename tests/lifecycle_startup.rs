@@ -63,6 +63,11 @@ const CLOCK_SLACK: f64 = 0.02;
 /// signalled only once the one before it had exited finishes at least this
 /// long after it, while containers signalled together finish together.
 const EXIT_DELAY: Duration = Duration::from_secs(1);
+/// The ready-timeout of a pod without the annotation (README, "Annotations"):
+/// how long a held start would wait for a sidecar that never gets ready.
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// The timeout of the execs the tests send.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(10);
 
 const SIDECARS: &str = "sidecar-shim.io/sidecars";
 
@@ -332,6 +337,14 @@ async fn check_stopped_in_order(
     Ok(timings)
 }
 
+/// Has kubelet read the app in a sync of its own (after a PLEG relist, not
+/// while starting it)?
+fn read_by_a_sync(pod: &PodHandle) -> bool {
+    pod.calls_of("ContainerStatus", Some("app"))
+        .iter()
+        .any(|c| c.origin == Origin::Sync && c.ok())
+}
+
 fn list_filter(state: Option<ContainerState>, uid: &str) -> ListContainersRequest {
     ListContainersRequest {
         filter: Some(ContainerFilter {
@@ -350,9 +363,9 @@ fn list_filter(state: Option<ContainerState>, uid: &str) -> ListContainersReques
 /// would deadlock), the app reads as running everywhere kubelet looks while
 /// containerd has it CREATED, exec into it fails at once, kubelet makes no
 /// second attempt, and containerd starts it only after the proxy opened its
-/// port (which it does 2 s after it starts: long enough that kubelet's PLEG
-/// relists, once a second, and reads the pod while the app waits). On
-/// deletion the proxy gets its SIGTERM once the app has exited.
+/// port (which it does once the test lets it: after these checks, and after
+/// kubelet's PLEG relisted and kubelet read the pod while the app waited).
+/// On deletion the proxy gets its SIGTERM once the app has exited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_app_listed_first_is_deferred_until_the_sidecar_port_opens() -> Result<()> {
     let env = Env::start().await?;
@@ -374,7 +387,8 @@ async fn a_app_listed_first_is_deferred_until_the_sidecar_port_opens() -> Result
                         script(
                             "proxy",
                             &format!(
-                                "{} sleep 2; {} nc -ll -p {PORT} -e true &",
+                                "{} while [ ! -f /shared/open ]; do sleep 0.1; done; {} \
+                                 nc -ll -p {PORT} -e true &",
                                 rec("proxy.start"),
                                 rec("proxy.listen")
                             ),
@@ -421,7 +435,7 @@ async fn a_app_listed_first_is_deferred_until_the_sidecar_port_opens() -> Result
         .into_inner()
         .containers;
     let exec_began = Instant::now();
-    let exec = exec_sync(&mut shim, &app_id, &["true"], 10).await;
+    let exec = exec_sync(&mut shim, &app_id, &["true"], EXEC_TIMEOUT.as_secs() as i64).await;
     let exec_took = exec_began.elapsed();
     let after = env.truth(&app_id).await?;
     ensure!(
@@ -455,10 +469,19 @@ async fn a_app_listed_first_is_deferred_until_the_sidecar_port_opens() -> Result
         format!("{err:#}").contains("has not started"),
         "exec error: {err:#}"
     );
-    ensure!(
-        exec_took < Duration::from_secs(2),
-        "exec took {exec_took:?}"
-    );
+    // At once: a shim waiting for the app would have run into the exec's
+    // own 10 s timeout (the port stays closed until the test opens it).
+    ensure!(exec_took < EXEC_TIMEOUT / 2, "exec took {exec_took:?}");
+
+    // kubelet reads the pod while the app waits (a sync after a PLEG
+    // relist); then the proxy may open its port.
+    wait_for(TIMEOUT, "kubelet to read the app while it waits", || {
+        let read = read_by_a_sync(&pod);
+        async move { read }
+    })
+    .await
+    .with_context(|| env.diag(&pod))?;
+    std::fs::write(dir.join("open"), "")?;
 
     // containerd starts the app only after the port opened.
     let (_, app) = wait_really_running(&env, &pod, "app").await?;
@@ -479,27 +502,25 @@ async fn a_app_listed_first_is_deferred_until_the_sidecar_port_opens() -> Result
         env.diag(&pod)
     );
     ensure!(app_started > proxy_started, "app before proxy");
-    // Deferred, not held: answered before the proxy even opened its port.
+    // Deferred, not held: answered before the proxy even opened its port,
+    // and so well before the 90 s ready-timeout a held start would have
+    // waited for (kubelet creates the proxy only after this answer).
     let answered = app_start.end.context("in flight")?;
     ensure!(
-        uptime_at(answered) < listen_at && app_start.duration() < Some(Duration::from_secs(2)),
+        uptime_at(answered) < listen_at && app_start.duration() < Some(DEFAULT_READY_TIMEOUT / 2),
         "app's StartContainer took {:?}, returned at {:.3}, port opened at {listen_at}",
         app_start.duration(),
         uptime_at(answered)
     );
 
-    // kubelet read the pod while the app waited (a sync after a PLEG
-    // relist), saw it RUNNING, and made no second attempt.
-    let read_while_waiting = pod
-        .calls_of("ContainerStatus", Some("app"))
-        .iter()
-        .any(|c| {
-            c.origin == Origin::Sync
-                && c.ok()
-                && c.end.is_some_and(|e| unix_nanos_at(e) < app.started_at)
-        });
+    // kubelet read the pod while the app waited, saw it RUNNING, and made
+    // no second attempt.
     ensure!(
-        read_while_waiting,
+        pod.calls_of("ContainerStatus", Some("app"))
+            .iter()
+            .any(|c| c.origin == Origin::Sync
+                && c.ok()
+                && c.end.is_some_and(|e| unix_nanos_at(e) < app.started_at)),
         "kubelet did not read the app while it waited\n{}",
         env.diag(&pod)
     );
