@@ -51,8 +51,12 @@ use tonic::{Code, Status};
 use support::*;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-/// What "fails fast" means while the runtime is down.
-const FAST: Duration = Duration::from_millis(500);
+/// What "fails fast" means while the runtime is down: before the shim could
+/// have spent its 2 s connect timeout on the runtime (`CONNECT_TIMEOUT` in
+/// src/proxy/conn.rs; a Unix socket connects or fails at once), let alone
+/// waited for the runtime to come back (a call would then hang: the callers
+/// give up after 10 s). A healthy answer takes milliseconds.
+const FAST: Duration = Duration::from_secs(2);
 /// The HTTP/2 default (and smallest useful) flow-control window.
 const SPEC_WINDOW: u32 = 65_535;
 

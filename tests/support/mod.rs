@@ -1342,6 +1342,28 @@ impl ShimProcess {
         self.admin.clone()
     }
 
+    /// What `sidecar-shim status --output json` reports through the admin
+    /// socket now (whatever its exit code: a shim holding calls may report
+    /// itself unhealthy). For waiting until the shim has got somewhere, a
+    /// call held, say; judge outcomes from containerd, not from this.
+    pub async fn status_json(&self) -> Result<serde_json::Value> {
+        let out = tokio::process::Command::new(Self::binary())
+            .arg("status")
+            .arg("--admin")
+            .arg(&self.admin)
+            .args(["--output", "json"])
+            .output()
+            .await
+            .context("running sidecar-shim status")?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "status printed no JSON (exit {:?}): {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     /// Everything the shim logged so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
