@@ -210,10 +210,23 @@ impl Cluster {
             .with_context(|| format!("kubectl {}: output is not JSON", all.join(" ")))
     }
 
-    /// `kubectl apply -f -` with these manifests.
+    /// `kubectl apply -f -` with these manifests. Applying is idempotent,
+    /// so an apiserver that timed out inside (an admission step on a
+    /// machine loaded by other tests: "resource quota evaluation timed
+    /// out") is asked again, a few times.
     pub fn apply(&self, yaml: &str) -> Result<()> {
-        self.run_kubectl(&["apply", "-f", "-"], Some(yaml))?;
-        Ok(())
+        let mut attempt = 1;
+        loop {
+            match self.run_kubectl(&["apply", "-f", "-"], Some(yaml)) {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt < 4 && apiserver_timed_out(&e.to_string()) => {
+                    eprintln!("kubectl apply, attempt {attempt}: {e}; applying again");
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_secs(attempt));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// `kubectl apply -f FILE`; FILE relative to the repository root.
@@ -570,6 +583,14 @@ impl Cluster {
 
 /// Under the node's /var/log: the manifests' record directories.
 pub const RECORDS_DIR: &str = "/var/log/sidecar-shim-e2e";
+
+/// Whether kubectl's error is the apiserver giving up on a step of its own
+/// (worth asking again), not a refusal of the manifests.
+fn apiserver_timed_out(error: &str) -> bool {
+    error.contains("InternalError") && error.contains("timed out")
+        || error.contains("the server was unable to return a response in the time allotted")
+        || error.contains("context deadline exceeded")
+}
 
 /// See [`Cluster::runtime_removals`].
 pub fn removals(containerd_log: &str) -> BTreeMap<usize, usize> {
