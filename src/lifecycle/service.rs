@@ -1079,8 +1079,10 @@ async fn start_up(me: Arc<Inner>) {
         }
     }
     tokio::spawn(driver(me.clone()));
-    tokio::spawn(events::run(me.clone()));
-    tokio::spawn(task_exits::run(me.clone()));
+    tokio::spawn(events::hold::<events::CriEvents>(me.clone()));
+    if me.events.for_exits() {
+        tokio::spawn(events::hold::<task_exits::TaskExits>(me.clone()));
+    }
     if me.store.is_some() {
         tokio::spawn(store_retry(me.clone()));
     }

@@ -28,6 +28,7 @@
 //! UNAVAILABLE (as a direct one would when the runtime goes) and they
 //! subscribe again.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -131,21 +132,44 @@ impl Events {
     }
 }
 
-/// The shim's subscription, for as long as the shim runs (or until the
-/// runtime says it has no events).
-pub(super) async fn run(me: Arc<Inner>) {
+/// One of the shim's long-lived subscriptions to the runtime, held by
+/// [`hold`]: the CRI's container events ([`CriEvents`]) and containerd's
+/// task exits ([`super::task_exits::TaskExits`]).
+pub(super) trait Subscription {
+    type Item: Send;
+    /// What the logs call it.
+    const WHAT: &'static str;
+    /// What exits come from while it is down (for the logs).
+    const MEANWHILE: &'static str;
+    fn subscribe(
+        me: &Arc<Inner>,
+    ) -> impl Future<Output = Result<tonic::Response<tonic::Streaming<Self::Item>>, tonic::Status>> + Send;
+    /// It stands (called once per establishment; may be called again).
+    fn up(me: &Arc<Inner>) -> impl Future<Output = ()> + Send;
+    /// It is gone (`why`: the error, if any).
+    fn down(me: &Arc<Inner>, why: Option<&tonic::Status>);
+    /// The runtime answered UNIMPLEMENTED: it is given up for good.
+    fn unsupported(me: &Arc<Inner>, status: tonic::Status);
+    fn handle(me: &Arc<Inner>, item: Self::Item) -> impl Future<Output = ()> + Send;
+}
+
+/// Hold a subscription for as long as the shim runs (or until the runtime
+/// says it has no such thing). The runtime sends its first response
+/// headers only with its first event, so a subscription that has not
+/// failed within [`SETTLE`] is taken as established. A broken one is made
+/// again with backoff.
+pub(super) async fn hold<S: Subscription>(me: Arc<Inner>) {
     let mut backoff = RETRY_MIN;
     let mut failures = 0u32;
     loop {
-        let mut rt = me.runtime.clone();
-        let call = rt.get_container_events(cri::GetEventsRequest {});
+        let call = S::subscribe(&me);
         tokio::pin!(call);
         let answer = tokio::select! {
             r = &mut call => r,
             _ = tokio::time::sleep(SETTLE) => {
                 // No error by now: the runtime took the subscription and
                 // waits for an event to send (with its first headers).
-                up(&me).await;
+                S::up(&me).await;
                 (&mut call).await
             }
         };
@@ -154,39 +178,77 @@ pub(super) async fn run(me: Arc<Inner>) {
             Err(s) if s.code() == tonic::Code::Unimplemented => {
                 info!(
                     detail = s.message(),
-                    "the runtime does not stream container events (GetContainerEvents is UNIMPLEMENTED): exits are polled"
+                    "the runtime does not answer {} (UNIMPLEMENTED): {}",
+                    S::WHAT,
+                    S::MEANWHILE
                 );
-                me.events.support.send_replace(Support::Unsupported(s));
-                down(&me, None);
+                S::unsupported(&me, s);
+                S::down(&me, None);
                 return;
             }
             Err(s) => {
-                down(&me, Some(&s));
+                S::down(&me, Some(&s));
                 failures += 1;
                 if failures == 1 || !unreachable(&s) {
-                    warn!(error = %s, "cannot subscribe to the runtime's container events; polling exits, trying again");
+                    warn!(error = %s, "cannot subscribe to {}; {} until it is back, trying again", S::WHAT, S::MEANWHILE);
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(RETRY_MAX);
                 continue;
             }
         };
-        up(&me).await;
+        S::up(&me).await;
         backoff = RETRY_MIN;
         failures = 0;
         let ended = loop {
             match stream.message().await {
-                Ok(Some(event)) => handle(&me, event).await,
+                Ok(Some(item)) => S::handle(&me, item).await,
                 Ok(None) => break None,
                 Err(s) => break Some(s),
             }
         };
-        down(&me, ended.as_ref());
+        S::down(&me, ended.as_ref());
         warn!(
             error = ended.as_ref().map(|s| s.to_string()),
-            "the runtime's container event stream ended; polling exits until it is back"
+            "{} ended; {} until it is back",
+            S::WHAT,
+            S::MEANWHILE
         );
         tokio::time::sleep(backoff).await;
+    }
+}
+
+/// The CRI's `GetContainerEvents`.
+pub(super) struct CriEvents;
+
+impl Subscription for CriEvents {
+    type Item = cri::ContainerEventResponse;
+    const WHAT: &'static str = "the runtime's container events (GetContainerEvents)";
+    const MEANWHILE: &'static str =
+        "exits come from containerd's task exit events if they stand, are polled otherwise";
+
+    fn subscribe(
+        me: &Arc<Inner>,
+    ) -> impl Future<Output = Result<tonic::Response<tonic::Streaming<Self::Item>>, tonic::Status>> + Send
+    {
+        let mut rt = me.runtime.clone();
+        async move { rt.get_container_events(cri::GetEventsRequest {}).await }
+    }
+
+    fn up(me: &Arc<Inner>) -> impl Future<Output = ()> + Send {
+        up(me)
+    }
+
+    fn down(me: &Arc<Inner>, why: Option<&tonic::Status>) {
+        down(me, why)
+    }
+
+    fn unsupported(me: &Arc<Inner>, status: tonic::Status) {
+        me.events.support.send_replace(Support::Unsupported(status));
+    }
+
+    fn handle(me: &Arc<Inner>, item: Self::Item) -> impl Future<Output = ()> + Send {
+        handle(me, item)
     }
 }
 

@@ -18,13 +18,14 @@
 //! subscription (re)starts every watched container is read once, so that
 //! no exit is missed in between.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use super::{lock, unreachable, Event, Inner};
+use super::events::Subscription;
+use super::{lock, Event, Inner};
 
 /// containerd's events service: subscribe to a filtered stream.
 const SUBSCRIBE: &str = "/containerd.services.events.v1.Events/Subscribe";
@@ -32,13 +33,6 @@ const SUBSCRIBE: &str = "/containerd.services.events.v1.Events/Subscribe";
 const FILTER: &str = "topic==\"/tasks/exit\"";
 /// The event type in the envelope's `Any`.
 const TASK_EXIT: &str = "containerd.events.TaskExit";
-/// How long a subscription must stand without an error to count as
-/// established (containerd sends its first headers with its first event).
-const SETTLE: Duration = Duration::from_millis(500);
-/// Backoff of a subscription that failed, doubled up to the maximum.
-const RETRY_MIN: Duration = Duration::from_millis(200);
-const RETRY_MAX: Duration = Duration::from_secs(5);
-
 /// `containerd.services.events.v1.SubscribeRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
 struct SubscribeRequest {
@@ -48,7 +42,7 @@ struct SubscribeRequest {
 
 /// `containerd.services.events.v1.Envelope` (its timestamp left out).
 #[derive(Clone, PartialEq, prost::Message)]
-struct Envelope {
+pub(super) struct Envelope {
     #[prost(string, tag = "2")]
     namespace: String,
     #[prost(string, tag = "3")]
@@ -59,7 +53,7 @@ struct Envelope {
 
 /// `google.protobuf.Any`.
 #[derive(Clone, PartialEq, prost::Message)]
-struct Any {
+pub(super) struct Any {
     #[prost(string, tag = "1")]
     type_url: String,
     #[prost(bytes = "vec", tag = "2")]
@@ -95,17 +89,21 @@ fn container_exit(envelope: &Envelope) -> Option<(String, i32)> {
     Some((exit.container_id, exit.exit_status as i32))
 }
 
-/// The shim's subscription, for as long as the shim runs (or until the
-/// runtime says it has no such service).
-pub(super) async fn run(me: Arc<Inner>) {
-    if !me.events.for_exits() {
-        return;
-    }
-    let mut backoff = RETRY_MIN;
-    let mut failures = 0u32;
-    loop {
+/// containerd's events service, filtered to task exits.
+pub(super) struct TaskExits;
+
+impl Subscription for TaskExits {
+    type Item = Envelope;
+    const WHAT: &'static str = "containerd's task exit events";
+    const MEANWHILE: &'static str =
+        "exits come from the runtime's container events if they stand, are polled otherwise";
+
+    fn subscribe(
+        me: &Arc<Inner>,
+    ) -> impl Future<Output = Result<tonic::Response<tonic::Streaming<Envelope>>, tonic::Status>> + Send
+    {
         let mut grpc = me.raw.clone();
-        let call = async {
+        async move {
             grpc.ready().await.map_err(|e| {
                 tonic::Status::unavailable(format!("sidecar-shim: runtime unavailable: {e}"))
             })?;
@@ -117,93 +115,55 @@ pub(super) async fn run(me: Arc<Inner>) {
                 tonic_prost::ProstCodec::<SubscribeRequest, Envelope>::default(),
             )
             .await
-        };
-        tokio::pin!(call);
-        let answer = tokio::select! {
-            r = &mut call => r,
-            _ = tokio::time::sleep(SETTLE) => {
-                up(&me).await;
-                (&mut call).await
-            }
-        };
-        let mut stream = match answer {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::Unimplemented => {
-                info!(
-                    detail = s.message(),
-                    "the runtime has no containerd events service: exits come from its CRI events or are polled"
-                );
-                down(&me);
+        }
+    }
+
+    /// Exits come from it. Every watched container is read once, for an
+    /// exit that came before it.
+    fn up(me: &Arc<Inner>) -> impl Future<Output = ()> + Send {
+        let me = me.clone();
+        async move {
+            if me.events.task_exits.swap(true, Ordering::AcqRel) {
                 return;
             }
-            Err(s) => {
-                down(&me);
-                failures += 1;
-                if failures == 1 || !unreachable(&s) {
-                    warn!(error = %s, "cannot subscribe to containerd's task exit events; trying again");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-                continue;
-            }
-        };
-        up(&me).await;
-        backoff = RETRY_MIN;
-        failures = 0;
-        let ended = loop {
-            match stream.message().await {
-                Ok(Some(envelope)) => {
-                    if let Some((container, code)) = container_exit(&envelope) {
-                        // Every exit of a container the shim knows: one
-                        // that does not matter yet may matter once the
-                        // CRI still reads it running.
-                        if lock(&me.machine).knows(&container) {
-                            debug!(container, code, "task exit event");
-                            me.feed(Event::Exited { container, code });
-                        }
-                    }
-                }
-                Ok(None) => break None,
-                Err(s) => break Some(s),
-            }
-        };
-        down(&me);
-        warn!(
-            error = ended.as_ref().map(|s| s.to_string()),
-            "containerd's task exit event stream ended; subscribing again"
-        );
-        tokio::time::sleep(backoff).await;
-    }
-}
-
-/// The subscription stands: exits come from it. Every watched container is
-/// read once, for an exit that came before it.
-async fn up(me: &Arc<Inner>) {
-    if me.events.task_exits.swap(true, Ordering::AcqRel) {
-        return;
-    }
-    info!("subscribed to containerd's task exit events: exits are no longer polled");
-    let watched = lock(&me.machine).watched();
-    for container in watched {
-        me.observe_exit(&container).await;
-    }
-}
-
-/// The subscription is gone: exits come from the CRI events or polling
-/// again, and every watched container is read once (a CRI event that came
-/// while this subscription was thought to stand was not acted on).
-fn down(me: &Arc<Inner>) {
-    if me.events.task_exits.swap(false, Ordering::AcqRel) {
-        debug!("task exit subscription down");
-        let me = me.clone();
-        tokio::spawn(async move {
+            info!("subscribed to containerd's task exit events: exits are no longer polled");
             let watched = lock(&me.machine).watched();
             for container in watched {
                 me.observe_exit(&container).await;
             }
-        });
+        }
     }
-    me.wake.notify_one();
+
+    /// Exits come from the CRI events or polling again, and every watched
+    /// container is read once (a CRI event that came while this
+    /// subscription was thought to stand was not acted on).
+    fn down(me: &Arc<Inner>, _why: Option<&tonic::Status>) {
+        if me.events.task_exits.swap(false, Ordering::AcqRel) {
+            debug!("task exit subscription down");
+            let me = me.clone();
+            tokio::spawn(async move {
+                let watched = lock(&me.machine).watched();
+                for container in watched {
+                    me.observe_exit(&container).await;
+                }
+            });
+        }
+        me.wake.notify_one();
+    }
+
+    fn unsupported(_me: &Arc<Inner>, _status: tonic::Status) {}
+
+    fn handle(me: &Arc<Inner>, envelope: Envelope) -> impl Future<Output = ()> + Send {
+        if let Some((container, code)) = container_exit(&envelope) {
+            // Every exit of a container the shim knows: one that does not
+            // matter yet may matter once the CRI still reads it running.
+            if lock(&me.machine).knows(&container) {
+                debug!(container, code, "task exit event");
+                me.feed(Event::Exited { container, code });
+            }
+        }
+        std::future::ready(())
+    }
 }
 
 #[cfg(test)]
