@@ -381,21 +381,7 @@ async fn a_app_listed_first_is_deferred_until_the_sidecar_port_opens() -> Result
                     ContainerDef::new("app", script("app", &rec("app.start")))
                         .mount(dir, "/shared"),
                 )
-                .container(
-                    ContainerDef::new(
-                        "proxy",
-                        script(
-                            "proxy",
-                            &format!(
-                                "{} while [ ! -f /shared/open ]; do sleep 0.1; done; {} \
-                                 nc -ll -p {PORT} -e true &",
-                                rec("proxy.start"),
-                                rec("proxy.listen")
-                            ),
-                        ),
-                    )
-                    .mount(dir, "/shared"),
-                ),
+                .container(gated_proxy(dir)),
         )
         .await?;
 
@@ -748,22 +734,26 @@ fn gated_pod(name: &str, dir: &Path, ready: &str) -> PodDef {
         .termination_grace(GRACE)
         .annotation(SIDECARS, "proxy")
         .annotation(&ready_key("proxy"), ready)
-        .container(
-            ContainerDef::new(
-                "proxy",
-                script(
-                    "proxy",
-                    &format!(
-                        "{} while [ ! -f /shared/open ]; do sleep 0.1; done; {} \
-                         nc -ll -p {PORT} -e true &",
-                        rec("proxy.start"),
-                        rec("proxy.listen")
-                    ),
-                ),
-            )
-            .mount(dir, "/shared"),
-        )
+        .container(gated_proxy(dir))
         .container(ContainerDef::new("app", script("app", &rec("app.start"))).mount(dir, "/shared"))
+}
+
+/// A proxy that records its start, opens port [`PORT`] once the test
+/// creates `open` in the shared directory `dir`, and records that moment.
+fn gated_proxy(dir: &Path) -> ContainerDef {
+    ContainerDef::new(
+        "proxy",
+        script(
+            "proxy",
+            &format!(
+                "{} while [ ! -f /shared/open ]; do sleep 0.1; done; {} \
+                 nc -ll -p {PORT} -e true &",
+                rec("proxy.start"),
+                rec("proxy.listen")
+            ),
+        ),
+    )
+    .mount(dir, "/shared")
 }
 
 /// `ready.proxy: tcp://:notaport`: the pod is forwarded untouched, and the
