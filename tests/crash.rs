@@ -724,6 +724,68 @@ async fn deferred_start_lands_after_containerd_comes_back() {
     }
 }
 
+/// containerd dies under kubelet's start of main: it is frozen when the
+/// shim sends the start on, then killed, so kubelet's start fails without
+/// containerd's answer. Whether main started is known only once containerd
+/// is back; the shim reads it then. main never ran, so it reads as created,
+/// kubelet creates main again, and the proxy is stopped only after that
+/// attempt exits, not when the lost start failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_waits_out_a_start_lost_with_containerd() {
+    let mut env = Env::start(None).await.expect("environment");
+    let dir = env.shared.clone();
+    let pod = env
+        .kubelet
+        .run_pod(pod_def(Scenario::JobCompletion, &dir))
+        .await
+        .expect("run pod");
+    let outcome = async {
+        // main's start is held until the proxy listens, and the shim checks
+        // the proxy inside the pod's network namespace (no containerd
+        // needed once it knows where that is).
+        let log = env.shim().log_path().to_path_buf();
+        let logged = |what: &'static str| {
+            let log = log.clone();
+            move || {
+                let log = log.clone();
+                async move {
+                    std::fs::read_to_string(&log)
+                        .unwrap_or_default()
+                        .lines()
+                        .any(|l| l.contains(what) && !l.contains("network namespace"))
+                }
+            }
+        };
+        wait_for(TIMEOUT, "the shim to check the proxy", logged("sidecar not ready yet")).await?;
+        ensure!(
+            recorded(&dir, "proxy.listen").is_empty(),
+            "the proxy listened before containerd could be frozen"
+        );
+        env.containerd.freeze()?;
+        wait_for(TIMEOUT, "the shim to send main's start on", logged("held start released"))
+            .await?;
+        env.containerd.kill()?;
+        env.containerd.restart().await?;
+        check_job_ended(&env, &pod, &dir, 0).await?;
+        let attempts = env
+            .attempts(&pod)
+            .await?
+            .into_iter()
+            .filter(|c| c.metadata.as_ref().is_some_and(|m| m.name == "main"))
+            .count();
+        ensure!(
+            attempts == 2 && recorded(&dir, "main.start").len() == 1,
+            "main: {attempts} attempts at containerd, {} runs recorded (want 2 and 1: the lost start never ran)",
+            recorded(&dir, "main.start").len()
+        );
+        promises_kept(&pod)
+    }
+    .await;
+    if let Err(e) = outcome {
+        panic!("{e:#}\n{}", env.explain(&pod));
+    }
+}
+
 /// containerd is down when main exits: the shim's exit polling fails
 /// meanwhile, sees the exit once containerd is back, and the Job completes.
 ///

@@ -135,6 +135,18 @@ pub enum Event {
         container: ContainerId,
         ok: bool,
     },
+    /// kubelet's forwarded start ended without the runtime's answer (the
+    /// connection broke under it): the runtime may or may not have started
+    /// the container. Until it is read ([`Action::Read`]), it counts as
+    /// starting: neither exited nor running.
+    StartLost {
+        container: ContainerId,
+    },
+    /// The runtime's state of a container, read for [`Action::Read`].
+    Observed {
+        container: ContainerId,
+        state: RuntimeState,
+    },
     /// A sidecar passed its readiness check.
     Ready {
         container: ContainerId,
@@ -197,6 +209,9 @@ pub enum Action {
         container: ContainerId,
         timeout: Duration,
     },
+    /// Read the container's state from the runtime, once it answers, and
+    /// report it as [`Event::Observed`].
+    Read(ContainerId),
     /// A decision worth an info log line.
     Log(Note),
     /// Something the operator must hear of (a cap reached).
@@ -939,27 +954,42 @@ impl Machine {
                     });
                 }
                 let pod = c.pod.clone();
-                // Repeated starts that waited for this one get its outcome.
-                let joined: Vec<CallId> = self
-                    .held
-                    .iter()
-                    .filter(|(_, h)| matches!(h, Held::Joined { container: j } if *j == container))
-                    .map(|(call, _)| *call)
-                    .collect();
-                for call in joined {
-                    self.held.remove(&call);
-                    out.push(Action::Answer {
-                        call,
-                        result: if ok {
-                            Ok(())
-                        } else {
-                            Err(Refusal {
-                                message: "sidecar-shim: starting the container failed (a repeated start gets the first one's outcome)".into(),
-                            })
-                        },
-                    });
-                }
+                self.answer_joined(&container, ok, out);
                 Some(pod)
+            }
+            Event::StartLost { container } => {
+                let c = self.containers.get_mut(&container)?;
+                if matches!(c.state, State::Created | State::Deferred { .. }) {
+                    c.state = State::Starting;
+                }
+                c.owed = None;
+                let pod = c.pod.clone();
+                self.answer_joined(&container, false, out);
+                out.push(Action::Read(container.clone()));
+                self.note(
+                    out,
+                    &container,
+                    "start outcome unknown",
+                    "the runtime's connection broke under the start; reading the container's state"
+                        .into(),
+                );
+                Some(pod)
+            }
+            Event::Observed { container, state } => {
+                self.merge(now, &container, state);
+                let c = self.containers.get_mut(&container)?;
+                // A stop kubelet sent while the shim's own start was on its
+                // way, and the start turned out to have landed.
+                if c.running() {
+                    if let Some(timeout) = c.stop_after_start.take() {
+                        c.stop_sent = true;
+                        out.push(Action::Stop {
+                            container: container.clone(),
+                            timeout,
+                        });
+                    }
+                }
+                Some(c.pod.clone())
             }
             Event::Ready { container } => {
                 let c = self.containers.get_mut(&container)?;
@@ -1270,6 +1300,29 @@ impl Machine {
                 "deferred start cancelled",
                 "kubelet created a newer attempt".into(),
             );
+        }
+    }
+
+    /// Repeated starts that waited for the first one get its outcome.
+    fn answer_joined(&mut self, container: &str, ok: bool, out: &mut Vec<Action>) {
+        let joined: Vec<CallId> = self
+            .held
+            .iter()
+            .filter(|(_, h)| matches!(h, Held::Joined { container: j } if j == container))
+            .map(|(call, _)| *call)
+            .collect();
+        for call in joined {
+            self.held.remove(&call);
+            out.push(Action::Answer {
+                call,
+                result: if ok {
+                    Ok(())
+                } else {
+                    Err(Refusal {
+                        message: "sidecar-shim: starting the container failed (a repeated start gets the first one's outcome)".into(),
+                    })
+                },
+            });
         }
     }
 

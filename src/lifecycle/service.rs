@@ -447,6 +447,8 @@ impl Inner {
             Event::Created { name, .. } => format!("created:{name}"),
             Event::StartCalled { container, .. } => format!("start:{}", name(container)),
             Event::StartDone { container, .. } => format!("started:{}", name(container)),
+            Event::StartLost { container } => format!("start-lost:{}", name(container)),
+            Event::Observed { container, .. } => format!("observed:{}", name(container)),
             Event::Ready { container } => format!("ready:{}", name(container)),
             Event::Exited { container, .. } => format!("exited:{}", name(container)),
             Event::StopCalled { container, .. } => format!("stop:{}", name(container)),
@@ -550,6 +552,9 @@ impl Inner {
                 Action::Stop { container, timeout } => {
                     tokio::spawn(self.clone().stop_own(container, timeout));
                 }
+                Action::Read(container) => {
+                    tokio::spawn(self.clone().read(container));
+                }
                 Action::Log(note) => {
                     self.metrics.decision(&note);
                     info!(pod = %note.pod, container = %note.container, detail = %note.detail, "{}", note.what)
@@ -565,7 +570,10 @@ impl Inner {
     /// The shim's own start of a deferred container. While the runtime is
     /// unreachable (restarting, say) it is tried again, for as long as the
     /// machine still owes it; any other error ends it (the container then
-    /// reads as exited 128, as a failed start does).
+    /// reads as exited 128, as a failed start does). A connection that
+    /// broke under the start may have lost the answer of a start that
+    /// landed: the container is read first, and started again only if it
+    /// is still created.
     async fn start_owed(self: Arc<Self>, id: String) {
         loop {
             let mut rt = self.runtime.clone();
@@ -577,7 +585,16 @@ impl Inner {
             match r {
                 Err(e) if unreachable(&e) && lock(&self.machine).owes_start(&id) => {
                     debug!(container.id = %id, error = %e, "runtime unreachable; starting the deferred container again shortly");
-                    tokio::time::sleep(ACTION_RETRY).await;
+                    let Some(state) = self.read_state(&id).await else {
+                        return;
+                    };
+                    if state != RuntimeState::Created {
+                        self.feed(Event::Observed {
+                            container: id,
+                            state,
+                        });
+                        return;
+                    }
                 }
                 r => {
                     if let Err(e) = &r {
@@ -588,6 +605,43 @@ impl Inner {
                         ok: r.is_ok(),
                     });
                     return;
+                }
+            }
+        }
+    }
+
+    /// The machine asked for a container's state ([`Action::Read`]).
+    async fn read(self: Arc<Self>, id: String) {
+        if let Some(state) = self.read_state(&id).await {
+            self.feed(Event::Observed {
+                container: id,
+                state,
+            });
+        }
+    }
+
+    /// The runtime's state of a container, asked again while the runtime
+    /// is unreachable (None: the machine forgot the container meanwhile,
+    /// or the runtime no longer has it).
+    async fn read_state(&self, id: &str) -> Option<RuntimeState> {
+        loop {
+            tokio::time::sleep(ACTION_RETRY).await;
+            if !lock(&self.machine).knows(id) {
+                return None;
+            }
+            let mut rt = self.runtime.clone();
+            let r = rt
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: id.to_string(),
+                    verbose: false,
+                })
+                .await;
+            match r {
+                Ok(r) => return r.into_inner().status.as_ref().map(runtime_state),
+                Err(e) if unreachable(&e) => continue,
+                Err(e) => {
+                    debug!(container.id = %id, error = %e, "cannot read the container's state");
+                    return None;
                 }
             }
         }
@@ -757,9 +811,13 @@ impl Inner {
         match decision {
             Decision::Forward | Decision::ForwardStop(_) => {
                 let r = self.forward(&call, call.message.clone()).await;
-                self.feed(Event::StartDone {
-                    container: req.container_id,
-                    ok: r.is_ok(),
+                let container = req.container_id;
+                self.feed(match &r {
+                    Err(e) if unreachable(e) => Event::StartLost { container },
+                    r => Event::StartDone {
+                        container,
+                        ok: r.is_ok(),
+                    },
                 });
                 r
             }
@@ -1043,6 +1101,16 @@ impl Drop for HeldGuard {
 
 /// Whether a runtime call failed because the runtime could not be reached
 /// (as opposed to the runtime refusing it).
+/// A container's state as the runtime's ContainerStatus gives it.
+fn runtime_state(s: &cri::ContainerStatus) -> RuntimeState {
+    match cri::ContainerState::try_from(s.state) {
+        Ok(cri::ContainerState::ContainerCreated) => RuntimeState::Created,
+        Ok(cri::ContainerState::ContainerRunning) => RuntimeState::Running,
+        Ok(cri::ContainerState::ContainerExited) => RuntimeState::Exited { code: s.exit_code },
+        _ => RuntimeState::Unknown,
+    }
+}
+
 fn unreachable(e: &tonic::Status) -> bool {
     match e.code() {
         tonic::Code::Unavailable => true,
@@ -1171,23 +1239,17 @@ impl Inner {
             for c in by_pod.remove(&sb.id).unwrap_or_default() {
                 let meta = c.metadata.clone().unwrap_or_default();
                 let state = match cri::ContainerState::try_from(c.state) {
+                    Ok(cri::ContainerState::ContainerExited) => rt
+                        .container_status(cri::ContainerStatusRequest {
+                            container_id: c.id.clone(),
+                            verbose: false,
+                        })
+                        .await
+                        .ok()
+                        .and_then(|r| r.into_inner().status)
+                        .map_or(RuntimeState::Unknown, |s| runtime_state(&s)),
                     Ok(cri::ContainerState::ContainerCreated) => RuntimeState::Created,
                     Ok(cri::ContainerState::ContainerRunning) => RuntimeState::Running,
-                    Ok(cri::ContainerState::ContainerExited) => {
-                        let code = rt
-                            .container_status(cri::ContainerStatusRequest {
-                                container_id: c.id.clone(),
-                                verbose: false,
-                            })
-                            .await
-                            .ok()
-                            .and_then(|r| r.into_inner().status)
-                            .map(|s| s.exit_code);
-                        match code {
-                            Some(code) => RuntimeState::Exited { code },
-                            None => RuntimeState::Unknown,
-                        }
-                    }
                     _ => RuntimeState::Unknown,
                 };
                 let kind = c.annotations.get(CONTAINER_TYPE).map(String::as_str);

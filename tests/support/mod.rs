@@ -469,6 +469,13 @@ impl PrivateContainerd {
         Ok(child.wait()?)
     }
 
+    /// SIGSTOP containerd: it takes calls (the kernel queues them) and
+    /// answers none, until it is killed.
+    pub fn freeze(&self) -> Result<()> {
+        let child = self.child.as_ref().context("containerd is not running")?;
+        send_signal(child.id(), nix::sys::signal::Signal::SIGSTOP)
+    }
+
     /// SIGTERM containerd and wait (at most `timeout`, then SIGKILL) for it
     /// to exit. Containers keep running.
     pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {

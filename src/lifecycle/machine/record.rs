@@ -447,7 +447,7 @@ impl Machine {
             listed.sort_by_key(|c| c.attempt);
             for rc in listed {
                 if self.containers.contains_key(&rc.id) {
-                    if self.merge(now, rc) {
+                    if self.merge(now, &rc.id, rc.state) {
                         report.changed += 1;
                     }
                 } else if rc.regular {
@@ -484,12 +484,12 @@ impl Machine {
 
     /// Take the runtime's word for a known container. Returns whether its
     /// state changed.
-    fn merge(&mut self, now: Instant, rc: &RuntimeContainer) -> bool {
-        let Some(c) = self.containers.get_mut(&rc.id) else {
+    pub(super) fn merge(&mut self, now: Instant, id: &str, state: RuntimeState) -> bool {
+        let Some(c) = self.containers.get_mut(id) else {
             return false;
         };
         let before = c.state.clone();
-        match rc.state {
+        match state {
             // An exit heard from containerd's task events before its CRI
             // wrote it down: a container that exited never runs again.
             RuntimeState::Running if matches!(c.state, State::Exited { .. }) => {}

@@ -283,6 +283,79 @@ fn ready_timeout_fail_refuses_and_reads_as_exited() {
     ));
 }
 
+/// kubelet's start of main lost its answer with the runtime's connection
+/// (containerd killed under it): main is neither running nor exited until
+/// the runtime is read. containerd that comes back with main still created
+/// makes kubelet create a new attempt; the Job is complete only when that
+/// one exits, and the sidecar is stopped only then.
+#[test]
+fn a_lost_start_answer_is_read_before_the_job_counts_as_done() {
+    let stop_sent = |out: &[Action]| out.iter().any(|a| matches!(a, Action::Stop { .. }));
+    let mut w = World::new(spec(
+        &["proxy"],
+        Restart::Explicit(RestartPolicy::Never),
+        OnReadyTimeout::Fail,
+    ));
+    w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    w.ready("proxy");
+    let first = w.create("main");
+    w.start("main");
+    let out = w.feed(Event::StartLost {
+        container: first.clone(),
+    });
+    assert!(out.contains(&Action::Read(first.clone())), "{out:?}");
+    let out = w.advance(Duration::from_secs(5));
+    assert!(!stop_sent(&out), "{out:?}");
+    assert!(
+        w.m.is_running(&first),
+        "a start of unknown outcome counts as starting"
+    );
+    let out = w.feed(Event::Observed {
+        container: first,
+        state: RuntimeState::Created,
+    });
+    assert!(!stop_sent(&out), "{out:?}");
+    assert!(!stop_sent(&w.advance(Duration::from_secs(5))));
+    w.create("main");
+    w.start("main");
+    w.started("main");
+    assert!(!stop_sent(&w.advance(Duration::from_secs(5))));
+    let mut out = w.exited("main", 0);
+    out.extend(w.advance(Duration::from_secs(2)));
+    let proxy = w.ids["proxy"].clone();
+    assert_eq!(stops_of(&out, &proxy).len(), 1, "{out:?}");
+}
+
+/// The same lost answer, and the runtime had started main, which exited
+/// meanwhile: the Job is done as soon as that is read.
+#[test]
+fn a_lost_start_answer_read_as_exited_completes_the_job() {
+    let mut w = World::new(spec(
+        &["proxy"],
+        Restart::Explicit(RestartPolicy::Never),
+        OnReadyTimeout::Fail,
+    ));
+    w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    w.ready("proxy");
+    let main = w.create("main");
+    w.start("main");
+    w.feed(Event::StartLost {
+        container: main.clone(),
+    });
+    w.advance(Duration::from_secs(5));
+    let mut out = w.feed(Event::Observed {
+        container: main,
+        state: RuntimeState::Exited { code: 0 },
+    });
+    out.extend(w.advance(Duration::from_secs(2)));
+    let proxy = w.ids["proxy"].clone();
+    assert_eq!(stops_of(&out, &proxy).len(), 1, "{out:?}");
+}
+
 #[test]
 fn job_completion_stops_sidecars_in_reverse_and_rewrites_exit() {
     let mut w = World::new(spec(
