@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
@@ -46,7 +47,7 @@ pub(super) async fn connect(runtime: &std::path::Path) -> io::Result<UnixStream>
 /// Serve one client connection whose preface has been read (the bytes after
 /// it are in `pending`).
 pub(super) async fn serve(
-    client: UnixStream,
+    mut client: UnixStream,
     mut pending: BytesMut,
     runtime_path: Arc<PathBuf>,
     interceptor: Arc<dyn Interceptor>,
@@ -116,39 +117,46 @@ pub(super) async fn serve(
             break tonic::Code::Cancelled;
         }
         let read = relay.wants_input();
+        // Reads go through AsyncRead: a read that does not fill the buffer
+        // clears the socket's readiness, so a drained socket is not read
+        // again only to hear EAGAIN (as readable() + try_read would).
+        if read {
+            reserve_frame(&mut client_buf);
+            if runtime.is_some() {
+                reserve_frame(&mut runtime_buf);
+            }
+        }
+        let (mut runtime_rd, runtime_wr) = match runtime.as_mut() {
+            Some(rt) => {
+                let (r, w) = rt.split();
+                (Some(r), Some(w))
+            }
+            None => (None, None),
+        };
+        let (mut client_rd, client_wr) = client.split();
         tokio::select! {
-            r = client.readable(), if read => {
-                if r.is_err() {
+            r = client_rd.read_buf(&mut client_buf), if read => match r {
+                Ok(0) => {
+                    debug!("client closed its connection");
                     break tonic::Code::Cancelled;
                 }
-                match read_some(&client, &mut client_buf) {
-                    Ok(Some(0)) => {
-                        debug!("client closed its connection");
-                        break tonic::Code::Cancelled;
-                    }
-                    Ok(Some(_)) => relay.client_input(&mut client_buf),
-                    Ok(None) => {}
-                    Err(e) => {
-                        debug!(error = %e, "client connection failed");
-                        break tonic::Code::Cancelled;
-                    }
+                Ok(_) => relay.client_input(&mut client_buf),
+                Err(e) => {
+                    debug!(error = %e, "client connection failed");
+                    break tonic::Code::Cancelled;
                 }
-            }
-            r = readable(runtime.as_ref()), if read && runtime.is_some() => {
-                let rt = runtime.as_ref().expect("checked");
-                match r.and_then(|()| read_some(rt, &mut runtime_buf)) {
-                    Ok(Some(0)) => relay.runtime_lost("end of stream"),
-                    Ok(Some(_)) => relay.runtime_input(&mut runtime_buf),
-                    Ok(None) => {}
-                    Err(e) => relay.runtime_lost(&e.to_string()),
-                }
-            }
-            r = client.writable(), if !relay.client_out.is_empty() => {
+            },
+            r = read_from(runtime_rd.as_mut(), &mut runtime_buf), if read && runtime_rd.is_some() => match r {
+                Ok(0) => relay.runtime_lost("end of stream"),
+                Ok(_) => relay.runtime_input(&mut runtime_buf),
+                Err(e) => relay.runtime_lost(&e.to_string()),
+            },
+            r = client_wr.writable(), if !relay.client_out.is_empty() => {
                 if r.is_err() {
                     break tonic::Code::Cancelled;
                 }
             }
-            r = writable(runtime.as_ref()), if runtime.is_some() && !relay.runtime_out.is_empty() => {
+            r = writable(runtime_wr.as_ref()), if runtime_wr.is_some() && !relay.runtime_out.is_empty() => {
                 if let Err(e) = r {
                     relay.runtime_lost(&e.to_string());
                 }
@@ -252,30 +260,25 @@ async fn attach(
     }
 }
 
-async fn readable(stream: Option<&UnixStream>) -> io::Result<()> {
+async fn read_from(stream: Option<&mut ReadHalf<'_>>, buf: &mut BytesMut) -> io::Result<usize> {
     match stream {
-        Some(s) => s.readable().await,
+        Some(s) => s.read_buf(buf).await,
         None => std::future::pending().await,
     }
 }
 
-async fn writable(stream: Option<&UnixStream>) -> io::Result<()> {
+async fn writable(stream: Option<&WriteHalf<'_>>) -> io::Result<()> {
     match stream {
         Some(s) => s.writable().await,
         None => std::future::pending().await,
     }
 }
 
-/// Read what is there into `buf`, room for a whole frame first. `Ok(None)`:
-/// nothing after all (spurious readiness).
-fn read_some(stream: &UnixStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+/// Make room in `buf` for the frame it holds the start of (or a frame
+/// header), and at least [`READ_BUF`].
+fn reserve_frame(buf: &mut BytesMut) {
     let need = Head::parse(buf).map_or(frame::HEADER_LEN, |h| h.frame_len());
     buf.reserve(need.saturating_sub(buf.len()).max(READ_BUF));
-    match stream.try_read_buf(buf) {
-        Ok(n) => Ok(Some(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 /// Write as much of `out` as the socket takes now.
