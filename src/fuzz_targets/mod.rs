@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use crate::config::{self, Cli, Config, FileConfig};
 use crate::lifecycle::machine::{
@@ -253,7 +253,9 @@ pub fn hpack_decode(data: &[u8]) {
         let all = unlimited.decode_limited(block, usize::MAX);
         let some = limited.decode_limited(block, limit);
         let mut seen: HeaderList = Vec::new();
-        let visit = visited.visit(block, |n, v| seen.push((n.to_vec(), v.to_vec())));
+        let visit = visited.visit(block, |n, v| {
+            seen.push((Bytes::copy_from_slice(n), Bytes::copy_from_slice(v)))
+        });
         match (&all, &some, &visit) {
             (Ok(all), Ok(some), Ok(())) => {
                 assert!(!all.too_large);
@@ -325,7 +327,7 @@ pub fn hpack_roundtrip(data: &[u8]) {
             };
             let name = pick(&mut input);
             let value = pick(&mut input);
-            list.push((name, value));
+            list.push((name.into(), value.into()));
         }
         let mut block = BytesMut::new();
         enc.encode(&mut block, &list);

@@ -1071,13 +1071,19 @@ impl Runtime {
                     }
                     Answer::TrailersOnly(code) => {
                         let list = vec![
-                            (b":status".to_vec(), b"200".to_vec()),
-                            (b"content-type".to_vec(), b"application/grpc".to_vec()),
+                            (Bytes::from_static(b":status"), Bytes::from_static(b"200")),
                             (
-                                b"grpc-status".to_vec(),
-                                code.max(1).to_string().into_bytes(),
+                                Bytes::from_static(b"content-type"),
+                                Bytes::from_static(b"application/grpc"),
                             ),
-                            (b"grpc-message".to_vec(), b"runtime%20says%20no".to_vec()),
+                            (
+                                Bytes::from_static(b"grpc-status"),
+                                code.max(1).to_string().into(),
+                            ),
+                            (
+                                Bytes::from_static(b"grpc-message"),
+                                Bytes::from_static(b"runtime%20says%20no"),
+                            ),
                         ];
                         let mut block = BytesMut::new();
                         self.enc.encode(&mut block, &list);
@@ -1102,8 +1108,11 @@ impl Runtime {
                     }
                 }
                 let list = vec![
-                    (b":status".to_vec(), b"200".to_vec()),
-                    (b"content-type".to_vec(), b"application/grpc".to_vec()),
+                    (Bytes::from_static(b":status"), Bytes::from_static(b"200")),
+                    (
+                        Bytes::from_static(b"content-type"),
+                        Bytes::from_static(b"application/grpc"),
+                    ),
                 ];
                 let mut block = BytesMut::new();
                 self.enc.encode(&mut block, &list);
@@ -1123,9 +1132,12 @@ impl Runtime {
             }
             if s.to_send.is_empty() && s.req_ended {
                 let code = s.code.take().unwrap_or(0);
-                let mut list = vec![(b"grpc-status".to_vec(), code.to_string().into_bytes())];
+                let mut list = vec![(Bytes::from_static(b"grpc-status"), code.to_string().into())];
                 if code != 0 {
-                    list.push((b"grpc-message".to_vec(), b"failed".to_vec()));
+                    list.push((
+                        Bytes::from_static(b"grpc-message"),
+                        Bytes::from_static(b"failed"),
+                    ));
                 }
                 let mut block = BytesMut::new();
                 self.enc.encode(&mut block, &list);
@@ -1468,40 +1480,54 @@ impl World {
                 }
                 let path = PATHS[usize::from(input.u8()) % PATHS.len()];
                 let mut list: HeaderList = vec![
-                    (b":method".to_vec(), b"POST".to_vec()),
-                    (b":scheme".to_vec(), b"http".to_vec()),
-                    (b":path".to_vec(), path.as_bytes().to_vec()),
+                    (Bytes::from_static(b":method"), Bytes::from_static(b"POST")),
+                    (Bytes::from_static(b":scheme"), Bytes::from_static(b"http")),
                     (
-                        b":authority".to_vec(),
-                        b"%2Frun%2Fsidecar-shim%2Fsidecar-shim.sock".to_vec(),
+                        Bytes::from_static(b":path"),
+                        Bytes::copy_from_slice(path.as_bytes()),
                     ),
-                    (b"content-type".to_vec(), b"application/grpc".to_vec()),
-                    (b"te".to_vec(), b"trailers".to_vec()),
+                    (
+                        Bytes::from_static(b":authority"),
+                        Bytes::from_static(b"%2Frun%2Fsidecar-shim%2Fsidecar-shim.sock"),
+                    ),
+                    (
+                        Bytes::from_static(b"content-type"),
+                        Bytes::from_static(b"application/grpc"),
+                    ),
+                    (Bytes::from_static(b"te"), Bytes::from_static(b"trailers")),
                 ];
                 let extras = input.u8();
                 if extras & 1 != 0 {
                     list.push((
-                        b"grpc-timeout".to_vec(),
-                        format!("{}m", input.u16()).into_bytes(),
+                        Bytes::from_static(b"grpc-timeout"),
+                        format!("{}m", input.u16()).into(),
                     ));
                 }
                 if extras & 2 != 0 {
-                    list.push((b"x-trace-bin".to_vec(), input.string(40).to_vec()));
+                    list.push((
+                        Bytes::from_static(b"x-trace-bin"),
+                        Bytes::copy_from_slice(input.string(40)),
+                    ));
                 }
                 if extras & 4 != 0 {
                     let big = usize::from(input.u8()) * 300;
-                    list.push((b"x-big".to_vec(), vec![b'b'; big]));
+                    list.push((Bytes::from_static(b"x-big"), Bytes::from(vec![b'b'; big])));
                 }
                 if extras & 8 != 0 {
                     // Something malformed.
                     match input.u8() % 5 {
-                        0 => list.push((b"Upper".to_vec(), b"x".to_vec())),
-                        1 => list.push((b"connection".to_vec(), b"close".to_vec())),
+                        0 => list.push((Bytes::from_static(b"Upper"), Bytes::from_static(b"x"))),
+                        1 => list.push((
+                            Bytes::from_static(b"connection"),
+                            Bytes::from_static(b"close"),
+                        )),
                         2 => {
                             list.remove(0);
                         }
-                        3 => list.push((b":method".to_vec(), b"GET".to_vec())),
-                        _ => list.push((b"x-nl".to_vec(), b"a\nb".to_vec())),
+                        3 => {
+                            list.push((Bytes::from_static(b":method"), Bytes::from_static(b"GET")))
+                        }
+                        _ => list.push((Bytes::from_static(b"x-nl"), Bytes::from_static(b"a\nb"))),
                     };
                 }
                 if extras & 16 != 0 {
@@ -1532,7 +1558,8 @@ impl World {
                     }
                     if body_style % 8 == 6 {
                         // Trailers end the request.
-                        let tl: HeaderList = vec![(b"x-trailer".to_vec(), b"t".to_vec())];
+                        let tl: HeaderList =
+                            vec![(Bytes::from_static(b"x-trailer"), Bytes::from_static(b"t"))];
                         c.headers(id, &tl, true, frame::DEFAULT_MAX_FRAME, 0);
                     }
                 }
@@ -1624,7 +1651,10 @@ impl World {
             14 => {
                 // Trailers (or a second HEADERS) on some stream.
                 let id = pick_stream(c, input);
-                let tl: HeaderList = vec![(b"x-trailer".to_vec(), input.string(8).to_vec())];
+                let tl: HeaderList = vec![(
+                    Bytes::from_static(b"x-trailer"),
+                    Bytes::copy_from_slice(input.string(8)),
+                )];
                 c.headers(id, &tl, input.u8() % 4 != 0, frame::DEFAULT_MAX_FRAME, 0);
             }
             _ => {

@@ -382,7 +382,7 @@ impl Inner {
             }
             if let (Ok(k), Ok(v)) = (
                 tonic::metadata::AsciiMetadataKey::from_bytes(name),
-                tonic::metadata::AsciiMetadataValue::try_from(value.as_slice()),
+                tonic::metadata::AsciiMetadataValue::try_from(&value[..]),
             ) {
                 req.metadata_mut().insert(k, v);
             }

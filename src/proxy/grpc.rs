@@ -39,8 +39,11 @@ pub fn frame_message(message: &[u8]) -> Bytes {
 /// Response headers of a successful call.
 pub fn response_headers() -> HeaderList {
     vec![
-        (b":status".to_vec(), b"200".to_vec()),
-        (b"content-type".to_vec(), b"application/grpc".to_vec()),
+        (Bytes::from_static(b":status"), Bytes::from_static(b"200")),
+        (
+            Bytes::from_static(b"content-type"),
+            Bytes::from_static(b"application/grpc"),
+        ),
     ]
 }
 
@@ -53,12 +56,12 @@ pub fn status_headers(status: &tonic::Status, trailers_only: bool) -> HeaderList
         Vec::new()
     };
     out.push((
-        b"grpc-status".to_vec(),
-        (status.code() as i32).to_string().into_bytes(),
+        Bytes::from_static(b"grpc-status"),
+        (status.code() as i32).to_string().into(),
     ));
     let message = percent_encode(status.message());
     if !message.is_empty() {
-        out.push((b"grpc-message".to_vec(), message.into_bytes()));
+        out.push((Bytes::from_static(b"grpc-message"), message.into()));
     }
     out
 }

@@ -6,13 +6,12 @@
 //! state, so the proxy can answer calls itself, refuse streams or drop a
 //! runtime's block without desynchronising anyone's dynamic table.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 /// An owned header list in wire order.
-pub type HeaderList = Vec<(Vec<u8>, Vec<u8>)>;
+pub type HeaderList = Vec<(Bytes, Bytes)>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -50,8 +49,9 @@ pub struct Decoded {
 
 /// Decodes one direction of a connection's header blocks (RFC 7541).
 pub struct Decoder {
-    /// Newest first, as HPACK indexes it.
-    table: VecDeque<(Vec<u8>, Vec<u8>)>,
+    /// Newest first, as HPACK indexes it. Fields share their bytes with
+    /// the entries they come from (and with the static table's).
+    table: VecDeque<(Bytes, Bytes)>,
     size: usize,
     /// The table size the peer's encoder currently uses.
     max: usize,
@@ -84,7 +84,7 @@ impl Decoder {
             fields: Vec::with_capacity(10),
             ..Decoded::default()
         };
-        self.visit(block, |name, value| {
+        self.fields(block, |name, value| {
             out.size = out.size.saturating_add(name.len() + value.len() + 32);
             if out.size > limit {
                 if !out.too_large {
@@ -92,7 +92,7 @@ impl Decoder {
                     out.fields = Vec::new();
                 }
             } else {
-                out.fields.push((name.to_vec(), value.to_vec()));
+                out.fields.push((name.clone(), value.clone()));
             }
         })?;
         Ok(out)
@@ -105,6 +105,14 @@ impl Decoder {
         block: &[u8],
         mut field: impl FnMut(&[u8], &[u8]),
     ) -> Result<(), DecodeError> {
+        self.fields(block, |name, value| field(name, value))
+    }
+
+    fn fields(
+        &mut self,
+        block: &[u8],
+        mut field: impl FnMut(&Bytes, &Bytes),
+    ) -> Result<(), DecodeError> {
         let mut fields = 0;
         let mut at = 0;
         while at < block.len() {
@@ -114,7 +122,7 @@ impl Decoder {
                 let (index, n) = integer(&block[at..], 7)?;
                 at += n;
                 let (name, value) = self.entry(index)?;
-                field(name, value);
+                field(&name, &value);
             } else if b & 0xe0 == 0x20 {
                 // Dynamic table size update (§6.3): only before the first
                 // field, and never above what the proxy advertised.
@@ -140,13 +148,12 @@ impl Decoder {
                     at += n;
                     name
                 } else {
-                    Cow::Borrowed(self.entry(index)?.0)
+                    self.entry(index)?.0
                 };
                 let (value, n) = string(&block[at..])?;
                 at += n;
                 field(&name, &value);
                 if indexing {
-                    let (name, value) = (name.into_owned(), value.into_owned());
                     self.insert(name, value);
                 }
             }
@@ -155,19 +162,22 @@ impl Decoder {
         Ok(())
     }
 
-    fn entry(&self, index: usize) -> Result<(&[u8], &[u8]), DecodeError> {
+    fn entry(&self, index: usize) -> Result<(Bytes, Bytes), DecodeError> {
         match index {
             0 => Err(DecodeError::BadIndex(0)),
-            1..=61 => Ok((STATIC_NAMES[index - 1], static_value(index))),
+            1..=61 => Ok((
+                Bytes::from_static(STATIC_NAMES[index - 1]),
+                Bytes::from_static(static_value(index)),
+            )),
             _ => self
                 .table
                 .get(index - 62)
-                .map(|(n, v)| (n.as_slice(), v.as_slice()))
+                .cloned()
                 .ok_or(DecodeError::BadIndex(index)),
         }
     }
 
-    fn insert(&mut self, name: Vec<u8>, value: Vec<u8>) {
+    fn insert(&mut self, name: Bytes, value: Bytes) {
         let entry = name.len() + value.len() + 32;
         self.evict(entry);
         // An entry larger than the whole table empties it and is not added.
@@ -211,7 +221,7 @@ fn integer(buf: &[u8], prefix_bits: u8) -> Result<(usize, usize), DecodeError> {
 }
 
 /// RFC 7541 §5.2 string literal: (octets, bytes used).
-fn string(buf: &[u8]) -> Result<(Cow<'_, [u8]>, usize), DecodeError> {
+fn string(buf: &[u8]) -> Result<(Bytes, usize), DecodeError> {
     let huffman = buf.first().ok_or(DecodeError::Truncated)? & 0x80 != 0;
     let (len, n) = integer(buf, 7)?;
     let raw = buf.get(n..n + len).ok_or(DecodeError::Truncated)?;
@@ -225,9 +235,9 @@ fn string(buf: &[u8]) -> Result<(Cow<'_, [u8]>, usize), DecodeError> {
         if !padded_with_eos(raw, &out) {
             return Err(DecodeError::Huffman);
         }
-        Cow::Owned(out)
+        Bytes::from(out)
     } else {
-        Cow::Borrowed(raw)
+        Bytes::copy_from_slice(raw)
     };
     Ok((value, n + len))
 }
@@ -256,7 +266,7 @@ fn padded_with_eos(raw: &[u8], decoded: &[u8]) -> bool {
 /// table here mirrors the peer's decoder exactly.
 pub struct Encoder {
     /// Newest first, as HPACK indexes it.
-    table: VecDeque<(Vec<u8>, Vec<u8>)>,
+    table: VecDeque<(Bytes, Bytes)>,
     size: usize,
     /// The table size in use: the peer's SETTINGS_HEADER_TABLE_SIZE, at most
     /// [`DEFAULT_TABLE`]. It only ever shrinks.
@@ -304,7 +314,7 @@ impl Encoder {
         }
     }
 
-    fn field(&mut self, out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    fn field(&mut self, out: &mut BytesMut, name: &Bytes, value: &Bytes) {
         if let Some(i) = static_full(name, value) {
             put_integer(out, i, 7, 0x80);
             return;
@@ -337,7 +347,7 @@ impl Encoder {
         }
         put_string(out, value);
         self.evict(entry);
-        self.table.push_front((name.to_vec(), value.to_vec()));
+        self.table.push_front((name.clone(), value.clone()));
         self.size += entry;
     }
 
@@ -455,7 +465,7 @@ fn static_full(name: &[u8], value: &[u8]) -> Option<usize> {
 pub fn get<'a>(list: &'a HeaderList, name: &[u8]) -> Option<&'a [u8]> {
     list.iter()
         .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_slice())
+        .map(|(_, v)| v.as_ref())
 }
 
 /// Encode headers as "literal without indexing, new name" (RFC 7541 §6.2.2),
@@ -516,15 +526,21 @@ mod tests {
     fn encoder_indexes_repeats_and_can_drop_its_table() {
         let headers: HeaderList = vec![
             (
-                b":path".to_vec(),
-                b"/runtime.v1.RuntimeService/Version".to_vec(),
+                Bytes::from_static(b":path"),
+                Bytes::from_static(b"/runtime.v1.RuntimeService/Version"),
             ),
-            (b"user-agent".to_vec(), b"kubelet".to_vec()),
+            (
+                Bytes::from_static(b"user-agent"),
+                Bytes::from_static(b"kubelet"),
+            ),
         ];
         let mut many = headers.clone();
-        many.push((b":method".to_vec(), b"POST".to_vec()));
-        many.push((b"grpc-timeout".to_vec(), b"1999m".to_vec()));
-        many.push((b"x-custom".to_vec(), b"v".to_vec()));
+        many.push((Bytes::from_static(b":method"), Bytes::from_static(b"POST")));
+        many.push((
+            Bytes::from_static(b"grpc-timeout"),
+            Bytes::from_static(b"1999m"),
+        ));
+        many.push((Bytes::from_static(b"x-custom"), Bytes::from_static(b"v")));
         for _ in 0..3 {
             let mut b = BytesMut::new();
             Encoder::default().encode(&mut b, &many);
@@ -552,13 +568,19 @@ mod tests {
         let mut dec = Decoder::default();
         for i in 0..500u32 {
             let headers: HeaderList = vec![
-                (b":method".to_vec(), b"POST".to_vec()),
-                (b":path".to_vec(), format!("/svc/M{}", i % 37).into_bytes()),
+                (Bytes::from_static(b":method"), Bytes::from_static(b"POST")),
                 (
-                    format!("x-key-{}", i % 11).into_bytes(),
-                    vec![b'v'; (i % 300) as usize],
+                    Bytes::from_static(b":path"),
+                    Bytes::from(format!("/svc/M{}", i % 37)),
                 ),
-                (b"grpc-timeout".to_vec(), format!("{i}m").into_bytes()),
+                (
+                    Bytes::from(format!("x-key-{}", i % 11)),
+                    Bytes::from(vec![b'v'; (i % 300) as usize]),
+                ),
+                (
+                    Bytes::from_static(b"grpc-timeout"),
+                    Bytes::from(format!("{i}m")),
+                ),
             ];
             let mut b = BytesMut::new();
             if i == 400 {
@@ -578,10 +600,13 @@ mod tests {
         assert_eq!(
             list,
             vec![
-                (b":method".to_vec(), b"GET".to_vec()),
-                (b":scheme".to_vec(), b"http".to_vec()),
-                (b":path".to_vec(), b"/".to_vec()),
-                (b":authority".to_vec(), b"www.example.com".to_vec()),
+                (Bytes::from_static(b":method"), Bytes::from_static(b"GET")),
+                (Bytes::from_static(b":scheme"), Bytes::from_static(b"http")),
+                (Bytes::from_static(b":path"), Bytes::from_static(b"/")),
+                (
+                    Bytes::from_static(b":authority"),
+                    Bytes::from_static(b"www.example.com")
+                ),
             ]
         );
         let second = hex("828684be5886a8eb10649cbf");
@@ -596,15 +621,15 @@ mod tests {
         let mut theirs = loona_hpack::Encoder::new();
         let mut dec = Decoder::default();
         for i in 0..200 {
-            let fields: Vec<(Vec<u8>, Vec<u8>)> = vec![
-                (b":method".to_vec(), b"POST".to_vec()),
+            let fields: HeaderList = vec![
+                (Bytes::from_static(b":method"), Bytes::from_static(b"POST")),
                 (
-                    b":path".to_vec(),
-                    format!("/runtime.v1.RuntimeService/M{}", i % 7).into_bytes(),
+                    Bytes::from_static(b":path"),
+                    Bytes::from(format!("/runtime.v1.RuntimeService/M{}", i % 7)),
                 ),
                 (
-                    format!("x-{}", i % 13).into_bytes(),
-                    format!("value-{}", i % 5).into_bytes(),
+                    Bytes::from(format!("x-{}", i % 13)),
+                    Bytes::from(format!("value-{}", i % 5)),
                 ),
             ];
             let block = theirs.encode(fields.iter().map(|(n, v)| (&n[..], &v[..])));
@@ -630,7 +655,10 @@ mod tests {
             b
         };
         let list = Decoder::default().decode(&literal(&[0x1f])).unwrap();
-        assert_eq!(list, vec![(b"x".to_vec(), b"a".to_vec())]);
+        assert_eq!(
+            list,
+            vec![(Bytes::from_static(b"x"), Bytes::from_static(b"a"))]
+        );
         // Zero padding.
         assert_eq!(
             Decoder::default().decode(&literal(&[0x18])),

@@ -52,7 +52,12 @@ impl Peer {
     fn headers(&mut self, stream: u32, headers: &[(&str, &str)], end: bool) -> BytesMut {
         let list: HeaderList = headers
             .iter()
-            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .map(|(n, v)| {
+                (
+                    Bytes::copy_from_slice(n.as_bytes()),
+                    Bytes::copy_from_slice(v.as_bytes()),
+                )
+            })
             .collect();
         let mut block = BytesMut::new();
         self.enc.encode(&mut block, &list);
