@@ -75,9 +75,14 @@ pub struct Settings {
     pub grace_slack: Duration,
     /// The CRI does not tell init containers apart. A normal container whose
     /// start is deferred (its sidecars do not exist yet) and after which
-    /// kubelet creates nothing for this long is an init container: kubelet
-    /// waits for it to finish before it creates the pod's regular containers
-    /// (sidecars among them). It is started at once and left alone.
+    /// kubelet does nothing more in the pod for this long (no PullImage for
+    /// it, no CreateContainer: [`Event::PodWork`]) is an init container:
+    /// kubelet waits for it to finish before it goes on to the pod's regular
+    /// containers (sidecars among them). It is started at once and left
+    /// alone. After a regular container kubelet goes on at once (its next
+    /// ImageStatus and PullImage or CreateContainer follow within
+    /// milliseconds), so the window only has to outlast a busy kubelet's
+    /// pause between two calls, never an image pull.
     pub init_window: Duration,
     /// Caps: beyond them the shim forwards without holding (and warns), so
     /// that a node in trouble degrades to a plain proxy rather than to
@@ -174,6 +179,15 @@ pub enum Event {
         call: CallId,
         pod: PodId,
         deadline: Option<Instant>,
+    },
+    /// kubelet began work on another container of the pod: a PullImage
+    /// for it (the request carries the pod's sandbox config) or a
+    /// CreateContainer request (before the runtime answers it). kubelet
+    /// goes on to the next container after starting a regular one, never
+    /// after an init container, which it waits for: the pod's deferred
+    /// containers are not init containers, however long the pull takes.
+    PodWork {
+        pod: PodId,
     },
     /// kubelet gave up on a held call.
     Cancelled {
@@ -356,7 +370,10 @@ struct Pod {
     teardown: Option<Instant>,
     /// kubelet's last create or start in this pod.
     last_activity: Instant,
-    /// How many containers kubelet created in this pod.
+    /// kubelet's steps in this pod: containers created, and the PullImage
+    /// and CreateContainer requests before them ([`Event::PodWork`]). A
+    /// deferred start after which this count moves belongs to a regular
+    /// container: kubelet went on to the next one.
     creations: u64,
 }
 
@@ -1188,6 +1205,11 @@ impl Machine {
                         deadline: until,
                     },
                 );
+                Some(pod)
+            }
+            Event::PodWork { pod } => {
+                let p = self.pods.get_mut(&pod)?;
+                p.creations += 1;
                 Some(pod)
             }
             Event::Cancelled { call } => {

@@ -37,6 +37,7 @@ mod events;
 mod task_exits;
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
+const IMAGE: &str = "/runtime.v1.ImageService/";
 
 /// The container annotation the newest kubelets set to init, container or
 /// ephemeral (not to be relied on: older kubelets omit it).
@@ -109,6 +110,8 @@ const INTERCEPTED: &[(&str, When)] = &[
 ];
 
 const GET_CONTAINER_EVENTS: &str = "/runtime.v1.RuntimeService/GetContainerEvents";
+/// Seen for the pod it names (when pods are managed), then forwarded.
+const PULL_IMAGE: &str = "/runtime.v1.ImageService/PullImage";
 
 /// The lifecycle interceptor.
 #[derive(Clone)]
@@ -132,6 +135,9 @@ struct Inner {
     rejected: Mutex<HashSet<String>>,
     /// Pod specs by sandbox id (parsed once).
     specs: Mutex<HashMap<String, Arc<PodSpec>>>,
+    /// Sandbox ids of managed pods by pod uid (a PullImage names its pod
+    /// only by its sandbox config).
+    uids: Mutex<HashMap<String, String>>,
     /// Probe and watch tasks running, by container id.
     probing: Mutex<HashSet<String>>,
     /// Watched containers read once since they became watched, while exits
@@ -207,6 +213,7 @@ impl Lifecycle {
             rewrites: AtomicBool::new(false),
             rejected: Mutex::default(),
             specs: Mutex::default(),
+            uids: Mutex::default(),
             probing: Mutex::default(),
             read_once: Mutex::default(),
             netns: Mutex::default(),
@@ -232,13 +239,16 @@ impl Lifecycle {
 
 impl Interceptor for Lifecycle {
     fn intercepts(&self, method: &str) -> bool {
-        let Some(name) = method.strip_prefix(RUNTIME) else {
-            return false;
-        };
         // Until the start-up reconcile is done any pod may turn out to be
         // managed: everything the lifecycle may need passes by (and waits
         // for the reconcile).
         let settling = !self.inner.reconciled.load(Ordering::Acquire);
+        if method == PULL_IMAGE {
+            return settling || self.inner.managed.load(Ordering::Relaxed);
+        }
+        let Some(name) = method.strip_prefix(RUNTIME) else {
+            return false;
+        };
         match INTERCEPTED.iter().find(|(m, _)| *m == name) {
             Some((_, When::Always)) => true,
             Some(_) if settling => true,
@@ -261,11 +271,12 @@ impl Interceptor for Lifecycle {
         let name = call
             .method
             .strip_prefix(RUNTIME)
+            .or(call.method.strip_prefix(IMAGE))
             .unwrap_or_default()
             .to_string();
         // Every intercepted call's request starts with the id it is about.
         let id = match name.as_str() {
-            "ListContainers" => String::new(),
+            "ListContainers" | "PullImage" => String::new(),
             _ => FirstId::decode(call.message.clone())
                 .map(|f| f.id)
                 .unwrap_or_default(),
@@ -285,6 +296,7 @@ impl Interceptor for Lifecycle {
                 inner.wait_reconciled().await;
                 let started = Instant::now();
                 let result = match name.as_str() {
+                    "PullImage" => inner.pull_image(call).await,
                     "CreateContainer" => inner.create_container(call).await,
                     "StartContainer" => inner.start_container(call).await,
                     "StopContainer" => inner.stop_container(call).await,
@@ -448,6 +460,7 @@ impl Inner {
             Event::StartCalled { container, .. } => format!("start:{}", name(container)),
             Event::StartDone { container, .. } => format!("started:{}", name(container)),
             Event::StartLost { container } => format!("start-lost:{}", name(container)),
+            Event::PodWork { .. } => "pod-work".into(),
             Event::Observed { container, .. } => format!("observed:{}", name(container)),
             Event::Ready { container } => format!("ready:{}", name(container)),
             Event::Exited { container, .. } => format!("exited:{}", name(container)),
@@ -758,6 +771,16 @@ impl Inner {
     async fn create_container(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
         let req: cri::CreateContainerRequest = decode(&call.message)?;
         let spec = self.pod_spec(&req.pod_sandbox_id, req.sandbox_config.as_ref());
+        if spec.is_some() {
+            if let Some(uid) = pod_uid(req.sandbox_config.as_ref()) {
+                lock(&self.uids).insert(uid.to_string(), req.pod_sandbox_id.clone());
+            }
+            if lock(&self.machine).knows_pod(&req.pod_sandbox_id) {
+                self.feed(Event::PodWork {
+                    pod: req.pod_sandbox_id.clone(),
+                });
+            }
+        }
         let answer = self.forward(&call, call.message.clone()).await?;
         // Newer kubelets say what kind of container this is; init and
         // ephemeral containers are none of the lifecycle's business. Older
@@ -791,6 +814,20 @@ impl Inner {
             });
         }
         Ok(answer)
+    }
+
+    /// A PullImage names the pod it is for (its sandbox config): kubelet is
+    /// working on another container of that pod ([`Event::PodWork`]).
+    async fn pull_image(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let req: cri::PullImageRequest = decode(&call.message)?;
+        let pod =
+            pod_uid(req.sandbox_config.as_ref()).and_then(|uid| lock(&self.uids).get(uid).cloned());
+        if let Some(pod) = pod {
+            if lock(&self.machine).knows_pod(&pod) {
+                self.feed(Event::PodWork { pod });
+            }
+        }
+        self.forward(&call, call.message.clone()).await
     }
 
     async fn start_container(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
@@ -944,6 +981,7 @@ impl Inner {
     /// Forget everything about a pod whose sandbox is gone.
     fn forget_pod(self: &Arc<Self>, pod: &str) {
         lock(&self.specs).remove(pod);
+        lock(&self.uids).retain(|_, id| id != pod);
         lock(&self.rejected).remove(pod);
         lock(&self.netns).remove(pod);
         if lock(&self.machine).knows_pod(pod) {
@@ -1101,6 +1139,14 @@ impl Drop for HeldGuard {
 
 /// Whether a runtime call failed because the runtime could not be reached
 /// (as opposed to the runtime refusing it).
+/// The pod uid in a sandbox config, if any.
+fn pod_uid(config: Option<&cri::PodSandboxConfig>) -> Option<&str> {
+    config
+        .and_then(|c| c.metadata.as_ref())
+        .map(|m| m.uid.as_str())
+        .filter(|uid| !uid.is_empty())
+}
+
 /// A container's state as the runtime's ContainerStatus gives it.
 fn runtime_state(s: &cri::ContainerStatus) -> RuntimeState {
     match cri::ContainerState::try_from(s.state) {
@@ -1234,6 +1280,14 @@ impl Inner {
             };
             if !known && spec.is_none() {
                 continue;
+            }
+            if let Some(uid) = sb
+                .metadata
+                .as_ref()
+                .map(|m| &m.uid)
+                .filter(|u| !u.is_empty())
+            {
+                lock(&self.uids).insert(uid.clone(), sb.id.clone());
             }
             let mut listed = Vec::new();
             for c in by_pod.remove(&sb.id).unwrap_or_default() {

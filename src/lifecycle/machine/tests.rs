@@ -955,6 +955,29 @@ fn a_deferred_container_nothing_follows_is_an_init_container() {
     );
 }
 
+/// An app listed before its sidecar, whose image kubelet pulls for a long
+/// time first: the PullImage for the pod shows that kubelet went on past the
+/// app, so the app is no init container and waits for its sidecar however
+/// long the pull takes (the 2 s window alone started it after 2 s).
+#[test]
+fn a_pull_for_the_pod_after_a_deferred_app_keeps_it_deferred() {
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    let app = w.create("app");
+    w.start("app");
+    w.advance(Duration::from_millis(5));
+    w.feed(Event::PodWork { pod: "pod".into() });
+    // Well past the init window, within the ready-timeout (10 s).
+    for _ in 0..8 {
+        let out = w.advance(Duration::from_secs(1));
+        assert!(!out.contains(&Action::Start(app.clone())), "{out:?}");
+    }
+    w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    let out = w.ready("proxy");
+    assert!(out.contains(&Action::Start(app)), "{out:?}");
+}
+
 // ---------------------------------------------------------------------------
 // Restarts of the shim, repeated calls, caps
 
