@@ -1608,3 +1608,67 @@ async fn j_pod_deleted_while_its_app_waits_is_torn_down_within_grace() -> Result
     );
     Ok(())
 }
+
+/// How long the slow registry holds each blob: a first pull of a mesh
+/// proxy's image on a node, many times the shim's 2 s init-container window.
+const SLOW_PULL: Duration = Duration::from_secs(10);
+
+/// An app listed before its sidecar, whose image kubelet must pull first,
+/// from a registry that takes [`SLOW_PULL`] per blob: the app does not start
+/// until the sidecar listens, however long the pull. (kubelet does nothing
+/// else in the pod while it pulls; the shim used to take such a quiet
+/// deferred app for an init container after 2 s and start it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_app_listed_first_waits_out_a_slow_pull_of_its_sidecars_image() -> Result<()> {
+    let registry = support::registry::SlowRegistry::start(SLOW_PULL).await?;
+    let env = Env::start().await?;
+    let dir = &env.shared;
+    let pod = env
+        .kubelet
+        .run_pod(
+            PodDef::new("slow-pull")
+                .termination_grace(GRACE)
+                .annotation(SIDECARS, "proxy")
+                .annotation(&ready_key("proxy"), &format!("tcp://:{PORT}"))
+                .container(
+                    ContainerDef::new("app", script("app", &rec("app.start")))
+                        .mount(dir, "/shared"),
+                )
+                .container(
+                    ContainerDef::new(
+                        "proxy",
+                        script(
+                            "proxy",
+                            &format!("{} nc -ll -p {PORT} -e true &", rec("proxy.listen")),
+                        ),
+                    )
+                    .image(&registry.image("slow"))
+                    .mount(dir, "/shared"),
+                ),
+        )
+        .await?;
+    let app_start = recorded(dir, "app.start").await?;
+    let proxy_listen = recorded(dir, "proxy.listen").await?;
+    let pull = wait_call_done(&pod, "PullImage", "proxy").await?;
+    let answered = wait_call_done(&pod, "StartContainer", "app").await?;
+    let pulled_for = pull.end.context("pull in flight")? - pull.start;
+    ensure!(
+        pull.ok() && registry.blobs_served() >= 1 && pulled_for >= SLOW_PULL,
+        "the proxy's image was not pulled slowly from the registry (ok {}, {} blobs, {pulled_for:?})\n{}",
+        pull.ok(),
+        registry.blobs_served(),
+        env.diag(&pod)
+    );
+    ensure!(
+        answered.ok() && answered.end.context("start in flight")? <= pull.start,
+        "kubelet's start of the app was not answered before the pull began\n{}",
+        env.diag(&pod)
+    );
+    ensure!(
+        app_start + CLOCK_SLACK >= proxy_listen,
+        "the app started at {app_start:.2}, before its proxy listened at {proxy_listen:.2} \
+         (the pull took {pulled_for:?})\n{}",
+        env.diag(&pod)
+    );
+    Ok(())
+}

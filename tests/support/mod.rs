@@ -55,6 +55,7 @@ pub mod demo;
 pub mod grpc_go;
 pub mod h2raw;
 pub mod kubelet;
+pub mod registry;
 pub mod timeline;
 
 /// The pause image the private containerd uses as its sandbox image.
