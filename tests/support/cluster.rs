@@ -575,6 +575,18 @@ impl Cluster {
         removals(&log)
     }
 
+    /// kubelet's StopContainer calls that containerd failed with "failed to
+    /// kill container ...: ttrpc: closed", by container id, each with whether
+    /// containerd's own log shows the container's task go away ("shim
+    /// disconnected") within [`KILL_RACE`] of that stop's SIGKILL ("Kill
+    /// container", sent when the stop's timeout ran out): the container
+    /// exited just as containerd killed it, and the kill found its shim gone.
+    pub fn kill_races(&self) -> Vec<(String, bool)> {
+        let kubelet = fs::read_to_string(self.log_path("kubelet")).unwrap_or_default();
+        let containerd = fs::read_to_string(self.log_path("containerd")).unwrap_or_default();
+        kill_races(&kubelet, &containerd)
+    }
+
     /// The length of kubelet's log now, for [`Cluster::kubelet_cri_errors_since`].
     pub fn kubelet_log_len(&self) -> u64 {
         fs::metadata(self.log_path("kubelet")).map_or(0, |m| m.len())
@@ -590,6 +602,56 @@ fn apiserver_timed_out(error: &str) -> bool {
     error.contains("InternalError") && error.contains("timed out")
         || error.contains("the server was unable to return a response in the time allotted")
         || error.contains("context deadline exceeded")
+}
+
+/// How close a task's end and containerd's SIGKILL must be to count as one
+/// race (see [`Cluster::kill_races`]).
+pub const KILL_RACE: f64 = 1.0;
+
+/// See [`Cluster::kill_races`].
+pub fn kill_races(kubelet_log: &str, containerd_log: &str) -> Vec<(String, bool)> {
+    let failed = kubelet_log.lines().filter(|l| {
+        l.contains("\"StopContainer from runtime service failed\"")
+            && l.contains("failed to kill container")
+            && l.contains("ttrpc: closed")
+    });
+    let mut out = Vec::new();
+    for line in failed {
+        let Some((_, rest)) = line.split_once("containerID=\"") else {
+            continue;
+        };
+        let id = rest.split('"').next().unwrap_or_default();
+        let times = |needle: &str| -> Vec<f64> {
+            containerd_log
+                .lines()
+                .filter(|l| l.contains(needle))
+                .filter_map(containerd_time)
+                .collect()
+        };
+        let kills = times(&format!("msg=\"Kill container \\\"{id}\\\"\""));
+        let gone = times(&format!("msg=\"shim disconnected\" id={id}"));
+        let raced = kills
+            .iter()
+            .any(|k| gone.iter().any(|g| (g - k).abs() <= KILL_RACE));
+        out.push((id.to_string(), raced));
+    }
+    out
+}
+
+/// A containerd log line's `time="2026-12-06T06:39:28.521089880Z"` in
+/// seconds (from an arbitrary origin; differences within a month are exact).
+fn containerd_time(line: &str) -> Option<f64> {
+    let (_, rest) = line.split_once("time=\"")?;
+    let stamp = rest.split('"').next()?;
+    let (date, clock) = stamp.trim_end_matches('Z').split_once('T')?;
+    let day: f64 = date.rsplit('-').next()?.parse().ok()?;
+    let mut parts = clock.split(':');
+    let (h, m, s): (f64, f64, f64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    Some(day * 86400.0 + h * 3600.0 + m * 60.0 + s)
 }
 
 /// See [`Cluster::runtime_removals`].
