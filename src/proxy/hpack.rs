@@ -227,7 +227,7 @@ fn string(buf: &[u8]) -> Result<(Bytes, usize), DecodeError> {
     let raw = buf.get(n..n + len).ok_or(DecodeError::Truncated)?;
     let value = if huffman {
         let mut out = Vec::with_capacity(len * 8 / 5 + 1);
-        httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FourBits)
+        httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FiveBits)
             .map_err(|_| DecodeError::Huffman)?;
         // The decoder lets zero padding through; RFC 7541 §5.2 allows only
         // the most significant bits of the EOS code (all ones), fewer than

@@ -35,6 +35,7 @@
 //! connection.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -345,7 +346,7 @@ pub struct Relay {
     runtime: Runtime,
     /// Why the runtime could not be reached (for the UNAVAILABLE answers).
     unreachable: String,
-    streams: HashMap<u32, Stream>,
+    streams: HashMap<u32, Stream, BuildHasherDefault<StreamIdHasher>>,
     /// Streams with something queued toward the client / the runtime.
     down_ready: VecDeque<u32>,
     up_ready: VecDeque<u32>,
@@ -396,7 +397,7 @@ impl Relay {
             rt: Hop::new(RUNTIME_WINDOW, RUNTIME_WINDOW),
             runtime: Runtime::Unreachable,
             unreachable: String::new(),
-            streams: HashMap::new(),
+            streams: HashMap::default(),
             down_ready: VecDeque::new(),
             up_ready: VecDeque::new(),
             last_stream: 0,
@@ -1955,6 +1956,27 @@ fn check_regular(name: &[u8], value: &[u8]) -> Result<(), &'static str> {
         }
         b"te" if value != b"trailers" => Err("TE other than trailers"),
         _ => Ok(()),
+    }
+}
+
+/// Hashes a stream id as itself: ids are distinct odd numbers the client
+/// chose, and the map is per connection, so SipHash's protection against
+/// chosen keys buys nothing a bounded map (MAX_CONCURRENT_STREAMS) needs.
+#[derive(Default)]
+struct StreamIdHasher(u64);
+
+impl Hasher for StreamIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u32(&mut self, id: u32) {
+        // Spread the (odd) ids over hashbrown's top bits too.
+        self.0 = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
 
