@@ -1539,7 +1539,16 @@ impl Machine {
                 .containers
                 .get(&id)
                 .is_some_and(|c| c.role == Role::Normal);
-            if normal && nothing_after && now >= since + self.settings.init_window {
+            // kubelet creates a pod's regular containers (sidecars among
+            // them) only once its init containers are done: after any
+            // sidecar was created, a deferred container is an app, waiting
+            // for a sidecar kubelet will make again (after its crash-loop
+            // backoff, say) or never (it exited under Never).
+            let sidecar_seen = self
+                .pods_containers(&self.pods[pod_id])
+                .any(|c| matches!(c.role, Role::Sidecar(_)));
+            if normal && nothing_after && !sidecar_seen && now >= since + self.settings.init_window
+            {
                 if let Some(c) = self.containers.get_mut(&id) {
                     c.role = Role::Init;
                     c.state = State::Starting;

@@ -489,9 +489,9 @@ enum Step {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         (0..4usize).prop_map(Step::Create),
-        (0..4usize).prop_map(Step::Start),
+        (0..5usize).prop_map(Step::Start),
         (0..2usize).prop_map(Step::Ready),
-        ((0..4usize), prop_oneof![Just(0), Just(1), Just(143)]).prop_map(|(c, e)| Step::Exit(c, e)),
+        ((0..5usize), prop_oneof![Just(0), Just(1), Just(143)]).prop_map(|(c, e)| Step::Exit(c, e)),
         Just(Step::Delete),
         (0..4usize).prop_map(Step::StopOne),
         (1..5000u64).prop_map(Step::Advance),
@@ -509,10 +509,19 @@ fn restart() -> impl Strategy<Value = Restart> {
     ]
 }
 
-const NAMES: [&str; 4] = ["s0", "s1", "app", "worker"];
+/// The pod's containers; the last is an init container (created first when
+/// the case has one, see `with_init`).
+const NAMES: [&str; 5] = ["s0", "s1", "app", "worker", "init"];
+const INIT: usize = 4;
 
 fn is_sidecar(name: &str) -> bool {
     name.starts_with('s')
+}
+
+/// The model's own knowledge of which containers are init containers (the
+/// machine has to guess it from what kubelet does).
+fn is_init(name: &str) -> bool {
+    name == NAMES[INIT]
 }
 
 fn name_of(id: &str) -> String {
@@ -585,12 +594,31 @@ proptest! {
     /// 3. every held call is answered exactly once, at the latest once
     ///    enough time has passed (a restart of the shim answers the calls
     ///    it held with an error);
-    /// and all of this across restarts of the shim at any step.
+    /// 4. a start answered as done happened, or reads as never started;
+    /// 5. an init container answered as started really starts;
+    /// and all of this across restarts of the shim at any step. Which
+    /// containers are init containers is the model's knowledge (`is_init`),
+    /// never the machine's guess; kubelet's sync is one goroutine (nothing
+    /// else while a start is held) and goes on after a regular container
+    /// ([`Event::PodWork`]), never after an init container.
     #[test]
-    fn invariants(random in proptest::collection::vec(step(), 1..60), restart in restart(), start_on_timeout in any::<bool>(), warm in any::<bool>()) {
+    fn invariants(random in proptest::collection::vec(step(), 1..60), restart in restart(), start_on_timeout in any::<bool>(), warm in any::<bool>(), with_init in any::<bool>()) {
         // Half the cases start from a pod that came up normally, so that
-        // shutdown and Job completion are reached often.
+        // shutdown and Job completion are reached often. Some have an init
+        // container: kubelet creates it first and creates nothing else until
+        // it exited.
         let mut steps = Vec::new();
+        if with_init {
+            steps.push(Step::Create(INIT));
+            steps.push(Step::Start(INIT));
+            if warm {
+                // Its deferred start is sent after 2 s and lands with the
+                // next step that lets time pass.
+                steps.push(Step::Advance(2_500));
+                steps.push(Step::Advance(1));
+                steps.push(Step::Exit(INIT, 0));
+            }
+        }
         if warm {
             for i in 0..4 {
                 steps.push(Step::Create(i));
@@ -617,9 +645,6 @@ proptest! {
         let mut start_calls: HashMap<CallId, String> = HashMap::new();
         let mut deferred: std::collections::HashSet<String> = Default::default();
         let mut exited: std::collections::HashSet<String> = Default::default();
-        // Containers the machine took for init containers (deferred with
-        // nothing created after them): they start without their sidecars.
-        let mut init: std::collections::HashSet<String> = Default::default();
         let mut codes: HashMap<String, i32> = HashMap::new();
         // kubelet's first stop of each container: (arrived, timeout).
         let mut wishes: HashMap<String, (Instant, Duration)> = HashMap::new();
@@ -633,21 +658,40 @@ proptest! {
                 Step::Create(i) => {
                     let name = NAMES[i];
                     // kubelet creates a new attempt only when the latest one
-                    // is not running and no start of it is under way.
+                    // is not running and no start of it is under way, and
+                    // no regular container before the init container exited.
                     let live = w.ids.get(name).is_some_and(|id| running.contains_key(id) && !exited.contains(id));
-                    if live || deleting { continue; }
+                    let init_pending = with_init && i != INIT && !w.ids.get(NAMES[INIT]).is_some_and(|id| exited.contains(id));
+                    // kubelet's sync of the pod is one goroutine: it creates
+                    // nothing while one of its starts is held.
+                    let start_held = start_calls.keys().any(|c| w.answered.get(c).copied().unwrap_or(0) == 0);
+                    if live || deleting || init_pending || start_held { continue; }
                     w.create(name);
                     continue;
                 }
                 Step::Start(i) => {
                     let Some(id) = w.ids.get(NAMES[i]).cloned() else { continue };
-                    // kubelet starts nothing in a pod being deleted.
-                    if running.contains_key(&id) || exited.contains(&id) || deleting { continue; }
-                    let (call, out) = w.start(NAMES[i]);
+                    // kubelet starts nothing in a pod being deleted, nor
+                    // while another of its starts is held.
+                    let start_held = start_calls.keys().any(|c| w.answered.get(c).copied().unwrap_or(0) == 0);
+                    if running.contains_key(&id) || exited.contains(&id) || deleting || start_held { continue; }
+                    let (call, mut out) = w.start(NAMES[i]);
                     calls.push(call);
                     start_calls.insert(call, id.clone());
                     running.insert(id.clone(), false);
                     waiting_since.insert(id, w.now);
+                    // After a regular container kubelet goes on at once to
+                    // the next one it has not created (its image pull may
+                    // take minutes); after an init container it waits.
+                    // (the next: a container it has not created, or whose
+                    // latest attempt never started and is made again).
+                    let next = NAMES[..INIT].iter().any(|n| {
+                        *n != NAMES[i]
+                            && w.ids.get(*n).is_none_or(|id| !running.contains_key(id) && !exited.contains(id))
+                    });
+                    if !is_init(NAMES[i]) && next && w.answered.get(&call).is_some() {
+                        out.extend(w.feed(Event::PodWork { pod: "pod".into() }));
+                    }
                     out
                 }
                 Step::Ready(i) => {
@@ -763,15 +807,6 @@ proptest! {
             };
             // Apply the actions to the model and check the invariants.
             let mut queue = out;
-            for a in &queue {
-                if let Action::Log(note) = a {
-                    if note.what == "treated as an init container" {
-                        if let Some(id) = w.ids.get(&note.container) {
-                            init.insert(id.clone());
-                        }
-                    }
-                }
-            }
             while let Some(a) = queue.pop() {
                 if let Action::Answer { call, result: Ok(()) } = &a {
                     if let Some(id) = start_calls.get(call) {
@@ -792,7 +827,7 @@ proptest! {
                     };
                     let all_ready = needed.iter().all(|s| w.ids.get(*s).is_some_and(|sid| ready.get(sid).copied().unwrap_or(false) && running.get(sid).copied().unwrap_or(false)));
                     let timed_out = waiting_since.get(&id).is_some_and(|t| w.now >= *t + Duration::from_secs(10) - Duration::from_millis(1));
-                    prop_assert!(all_ready || timed_out || init.contains(&id), "{name} started with sidecars not ready at {:?}", w.now);
+                    prop_assert!(all_ready || timed_out || is_init(&name), "{name} started with sidecars not ready at {:?}", w.now);
                     let kind = if matches!(a, Action::Start(_)) { Land::ShimStart } else { Land::KubeletStart };
                     landing.push((kind, id));
                 }
@@ -807,7 +842,7 @@ proptest! {
                 if let Some((id, held)) = stopped {
                     // (A stop of a sidecar that exited already signals nothing.)
                     if deleting && is_sidecar(&name_of(&id)) && running.get(&id).copied().unwrap_or(false) {
-                        let normal_running = running.iter().any(|(cid, r)| *r && !is_sidecar(&name_of(cid)) && !init.contains(cid));
+                        let normal_running = running.iter().any(|(cid, r)| *r && !is_sidecar(&name_of(cid)) && !is_init(&name_of(cid)));
                         let grace_out = held.is_some_and(|(arrived, t)| w.now >= arrived + t + Duration::from_secs(1));
                         prop_assert!(!normal_running || grace_out, "sidecar {id} stopped while a normal container runs: {:?}\n{:#?}\n{:?}", running, w.actions.iter().map(|(t, a)| format!("{:?} {:?}", t, a)).collect::<Vec<_>>(), w.m.containers.iter().map(|(k, c)| format!("{k}: {:?} {:?} {:?}", c.role, c.state, c.stop_sent)).collect::<Vec<_>>());
                     }
@@ -825,6 +860,14 @@ proptest! {
             let started = running.get(id).copied().unwrap_or(false);
             let never = matches!(w.m.status_override(id), Some(StatusOverride::Exited { .. }));
             prop_assert!(started || never || !w.m.knows(id), "{id}: answered as started, neither started nor failed: {:?}", w.m.status_override(id));
+        }
+        // 5. An init container kubelet was told had started really starts:
+        // kubelet waits for it to finish before anything else.
+        if let Some(id) = w.ids.get(NAMES[INIT]) {
+            if deferred.contains(id) && !deleting {
+                let ran = running.get(id).copied().unwrap_or(false) || exited.contains(id);
+                prop_assert!(ran, "init container {id} answered as started, never started: {:?}", w.m.status_override(id));
+            }
         }
         if deleting {
             let left: Vec<&String> = running.iter().filter(|(_, r)| **r).map(|(id, _)| id).collect();
@@ -967,6 +1010,40 @@ fn a_pull_for_the_pod_after_a_deferred_app_keeps_it_deferred() {
     w.advance(Duration::from_millis(5));
     w.feed(Event::PodWork { pod: "pod".into() });
     // Well past the init window, within the ready-timeout (10 s).
+    for _ in 0..8 {
+        let out = w.advance(Duration::from_secs(1));
+        assert!(!out.contains(&Action::Start(app.clone())), "{out:?}");
+    }
+    w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    let out = w.ready("proxy");
+    assert!(out.contains(&Action::Start(app)), "{out:?}");
+}
+
+/// The sidecar crashed and waits out kubelet's crash-loop backoff when the
+/// app is started again: kubelet creates nothing for a while, but a pod
+/// whose sidecar exists is past its init containers, so the app waits for
+/// the sidecar's next attempt (it was started as an init container after
+/// 2 s, without its sidecar). Found by the property test's own init oracle.
+#[test]
+fn an_app_restarted_while_its_sidecar_backs_off_is_no_init_container() {
+    let mut w = World::new(spec(
+        &["proxy"],
+        Restart::Explicit(RestartPolicy::Always),
+        OnReadyTimeout::Fail,
+    ));
+    w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    w.ready("proxy");
+    w.create("app");
+    w.start("app");
+    w.started("app");
+    w.exited("proxy", 1);
+    w.exited("app", 1);
+    let app = w.create("app");
+    w.start("app");
     for _ in 0..8 {
         let out = w.advance(Duration::from_secs(1));
         assert!(!out.contains(&Action::Start(app.clone())), "{out:?}");
