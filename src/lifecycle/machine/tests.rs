@@ -689,7 +689,7 @@ proptest! {
                         *n != NAMES[i]
                             && w.ids.get(*n).is_none_or(|id| !running.contains_key(id) && !exited.contains(id))
                     });
-                    if !is_init(NAMES[i]) && next && w.answered.get(&call).is_some() {
+                    if !is_init(NAMES[i]) && next && w.answered.contains_key(&call) {
                         out.extend(w.feed(Event::PodWork { pod: "pod".into() }));
                     }
                     out
