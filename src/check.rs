@@ -369,6 +369,27 @@ fn hook(container: &Value, which: &str) -> Option<&'static str> {
         .find(|k| h.get(k).is_some_and(|v| !v.is_null()))
 }
 
+/// A container's liveness and startup probes, each with about how long
+/// after the start kubelet kills the container when every probe fails:
+/// initialDelaySeconds + failureThreshold x periodSeconds (kubelet's
+/// defaults: 0, 3, 10).
+fn killing_probes(container: &Value) -> Vec<(&'static str, Duration)> {
+    let secs =
+        |p: &Value, key: &str, default: u64| p.get(key).and_then(Value::as_u64).unwrap_or(default);
+    [
+        ("livenessProbe", "liveness probe"),
+        ("startupProbe", "startup probe"),
+    ]
+    .into_iter()
+    .filter_map(|(key, what)| {
+        let p = container.get(key).filter(|p| p.is_object())?;
+        let after = secs(p, "initialDelaySeconds", 0)
+            + secs(p, "failureThreshold", 3) * secs(p, "periodSeconds", 10);
+        Some((what, Duration::from_secs(after)))
+    })
+    .collect()
+}
+
 /// Checks one pod template (a Pod object or a workload's template).
 fn check_template(template: &Value, job: bool, d: &Defaults) -> PodReport {
     let mut findings = Vec::new();
@@ -706,6 +727,27 @@ fn check_order(s: &PodSpec, regular: &[Container], f: &mut Vec<Finding>) {
             );
         }
         let container = regular.iter().find(|x| &x.name == c).expect("listed");
+        for (probe, kills_after) in killing_probes(container.value) {
+            if kills_after < s.ready_timeout {
+                f.push(
+                    Finding::new(
+                        Severity::Warning,
+                        "probe-deferred",
+                        format!(
+                            "{c} has a {probe} and precedes sidecar {missing}: while {c}'s \
+                             start is deferred the probe fails (an exec cannot run in it, \
+                             nothing listens), and kubelet kills {c} after about {}s of \
+                             failures, before the ready-timeout ({}s) gives {missing} up; \
+                             list the sidecars first, or give the probe an \
+                             initialDelaySeconds past the sidecar's start",
+                            kills_after.as_secs(),
+                            s.ready_timeout.as_secs()
+                        ),
+                    )
+                    .on(c),
+                );
+            }
+        }
         if let Some(kind @ ("exec" | "httpGet")) = hook(container.value, "postStart") {
             f.push(
                 Finding::new(
@@ -1041,6 +1083,36 @@ spec:
                     (Severity::Warning, "sidecar-after-app"),
                     (Severity::Warning, "post-start-deferred"),
                 ],
+            ),
+            (
+                "liveness probe on a deferred app, killing before the ready-timeout",
+                pod(
+                    "Pod",
+                    s,
+                    "containers:\n- {name: app, livenessProbe: {tcpSocket: {port: 80}}}\n- {name: proxy}",
+                ),
+                vec![
+                    (Severity::Warning, "sidecar-after-app"),
+                    (Severity::Warning, "probe-deferred"),
+                ],
+            ),
+            (
+                "startup probe on a deferred app, waiting past the ready-timeout",
+                pod(
+                    "Pod",
+                    s,
+                    "containers:\n- {name: app, startupProbe: {exec: {command: [x]}, failureThreshold: 30}}\n- {name: proxy}",
+                ),
+                vec![(Severity::Warning, "sidecar-after-app")],
+            ),
+            (
+                "liveness probe on an app after its sidecars is fine",
+                pod(
+                    "Pod",
+                    s,
+                    "containers:\n- {name: proxy}\n- {name: app, livenessProbe: {tcpSocket: {port: 80}}}",
+                ),
+                vec![],
             ),
             (
                 "postStart exec on an app after its sidecars is fine",
