@@ -839,9 +839,19 @@ proptest! {
                     Action::Stop { container, .. } => Some((container.clone(), wishes.get(container).copied())),
                     _ => None,
                 };
+                let own = matches!(a, Action::Stop { .. });
                 if let Some((id, held)) = stopped {
                     // (A stop of a sidecar that exited already signals nothing.)
-                    if deleting && is_sidecar(&name_of(&id)) && running.get(&id).copied().unwrap_or(false) {
+                    // During deletion, and for the shim's own stops (Job
+                    // completion) at any time: no sidecar before the normal
+                    // containers, and sidecars in reverse order.
+                    let name = name_of(&id);
+                    if (deleting || own) && is_sidecar(&name) && running.get(&id).copied().unwrap_or(false) {
+                        let grace_out = held.is_some_and(|(arrived, t)| w.now >= arrived + t + Duration::from_secs(1));
+                        let later_running: Vec<&String> = running.iter().filter(|(cid, r)| **r && is_sidecar(&name_of(cid)) && name_of(cid) > name).map(|(cid, _)| cid).collect();
+                        prop_assert!(later_running.is_empty() || grace_out, "sidecar {id} stopped while later sidecars run: {later_running:?}");
+                    }
+                    if (deleting || own) && is_sidecar(&name) && running.get(&id).copied().unwrap_or(false) {
                         let normal_running = running.iter().any(|(cid, r)| *r && !is_sidecar(&name_of(cid)) && !is_init(&name_of(cid)));
                         let grace_out = held.is_some_and(|(arrived, t)| w.now >= arrived + t + Duration::from_secs(1));
                         prop_assert!(!normal_running || grace_out, "sidecar {id} stopped while a normal container runs: {:?}\n{:#?}\n{:?}", running, w.actions.iter().map(|(t, a)| format!("{:?} {:?}", t, a)).collect::<Vec<_>>(), w.m.containers.iter().map(|(k, c)| format!("{k}: {:?} {:?} {:?}", c.role, c.state, c.stop_sent)).collect::<Vec<_>>());
