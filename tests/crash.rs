@@ -724,21 +724,41 @@ async fn deferred_start_lands_after_containerd_comes_back() {
     }
 }
 
-/// containerd dies under kubelet's start of main: it is frozen when the
-/// shim sends the start on, then killed, so kubelet's start fails without
-/// containerd's answer. Whether main started is known only once containerd
-/// is back; the shim reads it then. main never ran, so it reads as created,
+/// containerd dies under kubelet's start of main: it is frozen while the
+/// shim waits for the proxy (which opens its port only then), so the shim
+/// sends main's start to a containerd that never answers; then it is
+/// killed, so kubelet's start fails without containerd's answer. Whether
+/// main started is known only once containerd is back; the shim reads it
+/// then. main never ran, so it reads as created,
 /// kubelet creates main again, and the proxy is stopped only after that
 /// attempt exits, not when the lost start failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_waits_out_a_start_lost_with_containerd() {
     let mut env = Env::start(None).await.expect("environment");
     let dir = env.shared.clone();
-    let pod = env
-        .kubelet
-        .run_pod(pod_def(Scenario::JobCompletion, &dir))
-        .await
-        .expect("run pod");
+    // The Job scenario's pod, with a proxy that opens its port only when
+    // the test creates /shared/open (after containerd is frozen).
+    let c = |name: &str, cmd: Vec<String>| ContainerDef::new(name, cmd).mount(&dir, "/shared");
+    let gated = script(
+        "proxy",
+        143,
+        "",
+        &format!(
+            "while [ ! -f /shared/open ]; do sleep 0.1; done; \
+             cat /proc/uptime >> /shared/proxy.listen; nc -ll -p {PORT} -e true &"
+        ),
+    );
+    let def = PodDef::job("job")
+        .termination_grace(GRACE)
+        .annotation(SIDECARS, "proxy")
+        .annotation(READY_PROXY, &format!("tcp://:{PORT}"))
+        .annotation(RESTART_POLICY, "Never")
+        .container(c("proxy", gated))
+        .container(c(
+            "main",
+            sh("cat /proc/uptime >> /shared/main.start; sleep 1; exit 0"),
+        ));
+    let pod = env.kubelet.run_pod(def).await.expect("run pod");
     let outcome = async {
         // main's start is held until the proxy listens, and the shim checks
         // the proxy inside the pod's network namespace (no containerd
@@ -757,11 +777,8 @@ async fn job_waits_out_a_start_lost_with_containerd() {
             }
         };
         wait_for(TIMEOUT, "the shim to check the proxy", logged("sidecar not ready yet")).await?;
-        ensure!(
-            recorded(&dir, "proxy.listen").is_empty(),
-            "the proxy listened before containerd could be frozen"
-        );
         env.containerd.freeze()?;
+        std::fs::write(dir.join("open"), "")?;
         wait_for(TIMEOUT, "the shim to send main's start on", logged("held start released"))
             .await?;
         env.containerd.kill()?;

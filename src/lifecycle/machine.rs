@@ -1791,6 +1791,19 @@ impl Machine {
             .collect();
         let mut held = held;
         held.sort_by_key(|h| h.0);
+        // Stops held for two or more of the pod's sidecars are kubelet
+        // stopping the pod (a deletion while no normal container runs, say):
+        // the pod is shutting down, and they go in order, not each as a
+        // single-container stop (also the ones still held after the first
+        // is released).
+        let mut stopping: Vec<&ContainerId> = held.iter().map(|h| &h.1).collect();
+        stopping.sort();
+        stopping.dedup();
+        let several = stopping.len() >= 2;
+        if several {
+            self.begin_termination(now, pod_id);
+        }
+        let shutting_down = shutting_down || several;
         for (call, id, arrived, seen, timeout, answer_by) in held {
             let limit = timeout.unwrap_or(grace);
             let out_of_grace = now >= arrived + limit + self.settings.grace_slack

@@ -484,6 +484,11 @@ enum Step {
     /// stops it had sent reached the runtime (their answers were lost); with
     /// false, they were lost with it.
     Crash(bool),
+    /// containerd restarts while kubelet's starts are on their way: their
+    /// answers are lost ([`Event::StartLost`]). With true the starts had
+    /// landed; with false the containers are still created, and kubelet,
+    /// told the start failed, makes new attempts.
+    RuntimeRestart(bool),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -496,6 +501,7 @@ fn step() -> impl Strategy<Value = Step> {
         (0..4usize).prop_map(Step::StopOne),
         (1..5000u64).prop_map(Step::Advance),
         any::<bool>().prop_map(Step::Crash),
+        any::<bool>().prop_map(Step::RuntimeRestart),
     ]
 }
 
@@ -757,6 +763,20 @@ proptest! {
                     out.extend(w.advance(Duration::from_millis(ms)));
                     out
                 }
+                Step::RuntimeRestart(landed) => {
+                    let mut out = Vec::new();
+                    let (kubelets, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut landing).into_iter().partition(|(k, _)| *k == Land::KubeletStart);
+                    landing = rest;
+                    for (_, id) in kubelets {
+                        if landed {
+                            running.insert(id.clone(), true);
+                        } else {
+                            running.remove(&id);
+                        }
+                        out.extend(w.feed(Event::StartLost { container: id }));
+                    }
+                    out
+                }
                 Step::Crash(landed) => {
                     // The calls it held fail with the connection; kubelet
                     // makes a new attempt of a container whose start failed.
@@ -811,6 +831,19 @@ proptest! {
             // Apply the actions to the model and check the invariants.
             let mut queue = out;
             while let Some(a) = queue.pop() {
+                // The shim reads a container whose start's answer was lost:
+                // the model's runtime says what it knows.
+                if let Action::Read(id) = &a {
+                    let state = if running.get(id).copied().unwrap_or(false) {
+                        RuntimeState::Running
+                    } else if exited.contains(id) {
+                        RuntimeState::Exited { code: codes.get(id).copied().unwrap_or(143) }
+                    } else {
+                        RuntimeState::Created
+                    };
+                    queue.extend(w.feed(Event::Observed { container: id.clone(), state }));
+                    continue;
+                }
                 if let Action::Answer { call, result: Ok(()) } = &a {
                     if let Some(id) = start_calls.get(call) {
                         deferred.insert(id.clone());
@@ -852,7 +885,7 @@ proptest! {
                     if (deleting || own) && is_sidecar(&name) && running.get(&id).copied().unwrap_or(false) {
                         let grace_out = held.is_some_and(|(arrived, t)| w.now >= arrived + t + Duration::from_secs(1));
                         let later_running: Vec<&String> = running.iter().filter(|(cid, r)| **r && is_sidecar(&name_of(cid)) && name_of(cid) > name).map(|(cid, _)| cid).collect();
-                        prop_assert!(later_running.is_empty() || grace_out, "sidecar {id} stopped while later sidecars run: {later_running:?}");
+                        prop_assert!(later_running.is_empty() || grace_out, "sidecar {id} stopped while later sidecars run: {later_running:?}\n{:#?}", w.actions.iter().map(|(t, a)| format!("{:?} {:?}", t, a)).collect::<Vec<_>>());
                     }
                     if (deleting || own) && is_sidecar(&name) && running.get(&id).copied().unwrap_or(false) {
                         let normal_running = running.iter().any(|(cid, r)| *r && !is_sidecar(&name_of(cid)) && !is_init(&name_of(cid)));
