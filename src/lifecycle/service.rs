@@ -1166,6 +1166,9 @@ fn unreachable(e: &tonic::Status) -> bool {
             e.message().contains("transport error")
                 || e.message().contains("server is not initialized yet")
         }
+        // hyper's answer when the runtime's connection died mid-call (seen
+        // when containerd is killed while a stop is on its way).
+        tonic::Code::Internal => e.message().contains("h2 protocol error"),
         _ => false,
     }
 }
