@@ -71,6 +71,19 @@ fn memory(pid: u32) -> Result<(u64, u64)> {
 
 /// One pod's whole lifecycle through the shim (`shim`), checked against
 /// containerd (`direct`).
+/// containerd's status of `id` once it reads as exited.
+async fn exited(
+    direct: &RuntimeServiceClient<Channel>,
+    id: &str,
+    what: &str,
+) -> Result<k8s_cri::v1::ContainerStatus> {
+    wait_for_value(POD_TIMEOUT, what, || async {
+        let s = container_status(direct, id).await?;
+        Ok((state(&s) == ContainerState::ContainerExited).then_some(s))
+    })
+    .await
+}
+
 async fn one_pod(
     i: usize,
     mut shim: RuntimeServiceClient<Channel>,
@@ -98,29 +111,13 @@ async fn one_pod(
     let t2 = Instant::now();
 
     // Job completion: the shim stops the proxy once main has exited.
-    let proxy_exit = wait_for_value(POD_TIMEOUT, "the proxy to exit in containerd", || {
-        let direct = direct.clone();
-        let proxy = proxy.clone();
-        async move {
-            let s = container_status(&direct, &proxy).await?;
-            Ok((state(&s) == ContainerState::ContainerExited).then_some(s))
-        }
-    })
-    .await?;
+    let proxy_exit = exited(&direct, &proxy, "the proxy to exit in containerd").await?;
     let t3 = Instant::now();
     // The shim hears of main's exit from containerd's task events, before
     // containerd's CRI has deleted the task and written the exit down: the
     // proxy may be gone a moment before main reads as exited. The order is
     // judged from containerd's timestamps below.
-    let main_exit = wait_for_value(POD_TIMEOUT, "containerd to record main's exit", || {
-        let direct = direct.clone();
-        let main = main.clone();
-        async move {
-            let s = container_status(&direct, &main).await?;
-            Ok((state(&s) == ContainerState::ContainerExited).then_some(s))
-        }
-    })
-    .await?;
+    let main_exit = exited(&direct, &main, "containerd to record main's exit").await?;
     ensure!(
         main_exit.exit_code == 0,
         "main: exit {}, want exited 0",

@@ -304,6 +304,18 @@ enum State {
     },
 }
 
+/// A stop kubelet sent while the shim's own start of `c` was on its way is
+/// sent now that the start landed.
+fn stop_after_start(c: &mut Container, id: &ContainerId, out: &mut Vec<Action>) {
+    if let Some(timeout) = c.stop_after_start.take() {
+        c.stop_sent = true;
+        out.push(Action::Stop {
+            container: id.clone(),
+            timeout,
+        });
+    }
+}
+
 /// A start the shim answered kubelet for and still owes the runtime.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Deferral {
@@ -963,12 +975,8 @@ impl Machine {
                     };
                 }
                 c.owed = None;
-                if let (true, Some(timeout)) = (ok, c.stop_after_start.take()) {
-                    c.stop_sent = true;
-                    out.push(Action::Stop {
-                        container: container.clone(),
-                        timeout,
-                    });
+                if ok {
+                    stop_after_start(c, &container, out);
                 }
                 let pod = c.pod.clone();
                 self.answer_joined(&container, ok, out);
@@ -995,16 +1003,9 @@ impl Machine {
             Event::Observed { container, state } => {
                 self.merge(now, &container, state);
                 let c = self.containers.get_mut(&container)?;
-                // A stop kubelet sent while the shim's own start was on its
-                // way, and the start turned out to have landed.
+                // The start turned out to have landed.
                 if c.running() {
-                    if let Some(timeout) = c.stop_after_start.take() {
-                        c.stop_sent = true;
-                        out.push(Action::Stop {
-                            container: container.clone(),
-                            timeout,
-                        });
-                    }
+                    stop_after_start(c, &container, out);
                 }
                 Some(c.pod.clone())
             }

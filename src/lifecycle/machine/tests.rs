@@ -574,6 +574,14 @@ fn kill_pod(
     out
 }
 
+/// Whether one of kubelet's starts is held (not answered yet): kubelet's
+/// sync of the pod waits on it.
+fn start_held(w: &World, start_calls: &HashMap<CallId, String>) -> bool {
+    start_calls
+        .keys()
+        .any(|c| w.answered.get(c).copied().unwrap_or(0) == 0)
+}
+
 /// kubelet asks to stop a container: the first wish's arrival and the
 /// shortest timeout stand.
 fn wish(wishes: &mut HashMap<String, (Instant, Duration)>, id: &str, now: Instant, t: Duration) {
@@ -673,7 +681,7 @@ proptest! {
                     let init_pending = with_init && i != INIT && !w.ids.get(NAMES[INIT]).is_some_and(|id| exited.contains(id));
                     // kubelet's sync of the pod is one goroutine: it creates
                     // nothing while one of its starts is held.
-                    let start_held = start_calls.keys().any(|c| w.answered.get(c).copied().unwrap_or(0) == 0);
+                    let start_held = start_held(&w, &start_calls);
                     if live || deleting || init_pending || start_held { continue; }
                     w.create(name);
                     continue;
@@ -682,7 +690,7 @@ proptest! {
                     let Some(id) = w.ids.get(NAMES[i]).cloned() else { continue };
                     // kubelet starts nothing in a pod being deleted, nor
                     // while another of its starts is held.
-                    let start_held = start_calls.keys().any(|c| w.answered.get(c).copied().unwrap_or(0) == 0);
+                    let start_held = start_held(&w, &start_calls);
                     if running.contains_key(&id) || exited.contains(&id) || deleting || start_held { continue; }
                     let (call, mut out) = w.start(NAMES[i]);
                     calls.push(call);
@@ -721,7 +729,7 @@ proptest! {
                 Step::Delete => {
                     // kubelet's kill waits for the sync in progress: not
                     // while one of its starts is held.
-                    let start_held = start_calls.keys().any(|c| w.answered.get(c).copied().unwrap_or(0) == 0);
+                    let start_held = start_held(&w, &start_calls);
                     if deleting || start_held { continue; }
                     deleting = true;
                     let mut out = Vec::new();
