@@ -777,6 +777,9 @@ async fn job_waits_out_a_start_lost_with_containerd() {
             }
         };
         wait_for(TIMEOUT, "the shim to check the proxy", logged("sidecar not ready yet")).await?;
+        // main created and its start held (kubelet's CreateContainer must
+        // not meet the frozen containerd).
+        wait_for(TIMEOUT, "the shim to hold main's start", logged("start held")).await?;
         env.containerd.freeze()?;
         std::fs::write(dir.join("open"), "")?;
         wait_for(TIMEOUT, "the shim to send main's start on", logged("held start released"))
