@@ -519,6 +519,50 @@ fn deletion_the_sidecar_outlives_the_app() -> Result<()> {
     Ok(())
 }
 
+/// kubelet v1.28 does not cancel a StartContainer when its pod is deleted
+/// (observed here: the deletion waited for the held start to end, at the
+/// ready-timeout). A pod deleted while the shim holds its app's start is
+/// gone within its grace period (10 s), not after its ready-timeout
+/// (100 s): the shim answers a held start after half the grace period, as
+/// a deferral, and the deferred app is never started.
+#[test]
+fn deletion_during_a_held_start_ends_within_the_grace_period() -> Result<()> {
+    const GRACE: f64 = 10.0;
+    let cluster = Cluster::up(Mode::Shim)?;
+    let log = cluster.log_path("sidecar-shim");
+    cluster.apply_file(&manifest("held-app.yaml"))?;
+    // The shim's log says when kubelet's StartContainer of the app arrived
+    // (the API shows nothing of a start in flight).
+    let (pod, _) = wait_pod(&cluster, "held-app", "the app's start held", |_, r| {
+        let held = fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("start held pod=default/held-app container=app");
+        Ok(held && r.count("proxy", "start") == 1)
+    })?;
+    let uid = pod_uid(&pod).to_owned();
+    let deleted = uptime_now();
+    cluster.kubectl(&["delete", "pod", "held-app", "--wait=false"])?;
+    watch_deletion(&cluster, "held-app", &uid)?;
+    let gone = uptime_now() - deleted;
+    let records = cluster.records(&uid);
+    check(&cluster, gone <= GRACE, || {
+        format!(
+            "pod gone {gone:.1} s after its deletion, beyond its grace period ({GRACE} s):\n{records}"
+        )
+    })?;
+    check(&cluster, records.of("app").is_empty(), || {
+        format!("the app ran although its sidecar never got ready:\n{records}")
+    })?;
+    check(&cluster, records.count("proxy", "sigterm") == 1, || {
+        format!("the proxy got no SIGTERM:\n{records}")
+    })?;
+    eprintln!(
+        "through the shim: pod deleted during a held start gone {gone:.1} s later (grace {GRACE} \
+         s, ready-timeout 100 s)"
+    );
+    Ok(())
+}
+
 /// Waits until the deleted pod is gone from the API; meanwhile reads
 /// containerd (straight) for when `app` and `proxy` finished.
 fn watch_deletion(cluster: &Cluster, name: &str, uid: &str) -> Result<BTreeMap<String, f64>> {

@@ -17,6 +17,11 @@
 //!   Both are bounded by the pod's ready-timeout; then `on-ready-timeout`
 //!   decides: `start` starts anyway, `fail` answers with an error naming the
 //!   sidecar and the container reads as exited (128, SidecarNotReady).
+//!   A hold is also bounded by half the pod's grace period, counted from the
+//!   pod's first held start: kubelet does not cancel a StartContainer when
+//!   the pod is deleted, and the deletion waits for it, so after that the
+//!   start is answered and deferred instead (and later ones in the pod are
+//!   deferred at once) until the sidecars are ready.
 //! * Job pods: once every normal container is terminal, the shim stops the
 //!   sidecars in reverse order, and reports them exited 0 (Completed).
 //! * Shutdown: a sidecar's StopContainer (and its exec preStop hook) waits
@@ -382,6 +387,10 @@ struct Pod {
     teardown: Option<Instant>,
     /// kubelet's last create or start in this pod.
     last_activity: Instant,
+    /// Held starts in this pod end by then, as deferrals if the sidecars
+    /// are not ready (set by the first held start, cleared once nothing in
+    /// the pod waits for its sidecars).
+    hold_until: Option<Instant>,
     /// kubelet's steps in this pod: containers created, and the PullImage
     /// and CreateContainer requests before them ([`Event::PodWork`]). A
     /// deferred start after which this count moves belongs to a regular
@@ -391,9 +400,13 @@ struct Pod {
 
 #[derive(Debug)]
 enum Held {
+    /// Refused or started at `deadline` (the ready-timeout, or kubelet's
+    /// own deadline); answered and deferred at `defer_at`, if earlier.
     Start {
         container: ContainerId,
+        since: Instant,
         deadline: Instant,
+        defer_at: Instant,
     },
     /// A repeated StartContainer while the first one is on its way to the
     /// runtime: answered as the first one is (see [`Event::StartDone`]).
@@ -644,7 +657,10 @@ impl Machine {
         };
         for h in self.held.values() {
             match h {
-                Held::Start { deadline, .. } | Held::StopPod { deadline, .. } => at(*deadline),
+                Held::Start {
+                    deadline, defer_at, ..
+                } => at((*deadline).min(*defer_at)),
+                Held::StopPod { deadline, .. } => at(*deadline),
                 Held::Joined { .. } => {}
                 Held::Stop {
                     container,
@@ -789,6 +805,7 @@ impl Machine {
                     job_done: false,
                     teardown: None,
                     last_activity: now,
+                    hold_until: None,
                     creations: 0,
                 });
                 p.spec = spec;
@@ -871,21 +888,26 @@ impl Machine {
                 }
                 if let Some(other) = self.held_start_of(&container) {
                     // The same start is held already: wait with it.
-                    let deadline = match self.held.get(&other) {
-                        Some(Held::Start { deadline, .. }) => *deadline,
-                        _ => now,
-                    };
-                    self.held.insert(
-                        call,
-                        Held::Start {
+                    if let Some(Held::Start {
+                        since,
+                        deadline,
+                        defer_at,
+                        ..
+                    }) = self.held.get(&other)
+                    {
+                        let joined = Held::Start {
                             container: container.clone(),
-                            deadline,
-                        },
-                    );
+                            since: *since,
+                            deadline: *deadline,
+                            defer_at: *defer_at,
+                        };
+                        self.held.insert(call, joined);
+                    }
                     return Some(pod_id);
                 }
                 let ready_timeout = self.pods[&pod_id].spec.ready_timeout;
                 let (ready, missing) = self.required_ready(&container);
+                let hold_spent = self.pods[&pod_id].hold_until.is_some_and(|t| now >= t);
                 if ready {
                     out.push(Action::Forward(call));
                     self.set_state(&container, State::Starting);
@@ -913,44 +935,36 @@ impl Machine {
                             self.settings.max_held
                         ),
                     );
-                } else if missing.is_some() {
+                } else if missing.is_some() || hold_spent {
                     // A sidecar it needs does not exist yet: kubelet creates it
-                    // later in this same sync, after this call returns.
-                    let deadline = now + ready_timeout;
-                    let creations = self.pods[&pod_id].creations;
-                    self.set_state(
-                        &container,
-                        State::Deferred {
-                            since: now,
-                            deadline,
-                            creations,
-                        },
-                    );
-                    if let Some(c) = self.containers.get_mut(&container) {
-                        c.owed = Some(Deferral {
-                            since: now,
-                            deadline,
-                            creations,
-                        });
-                    }
-                    out.push(Action::Answer {
-                        call,
-                        result: Ok(()),
-                    });
-                    self.note(out, &container, "start deferred", format!(
-                        "sidecar {} is not created yet; the container starts once its sidecars are ready",
-                        missing.unwrap_or_default()
-                    ));
+                    // later in this same sync, after this call returns. Or
+                    // the pod's time for held starts is spent.
+                    self.defer(now, call, &container, now + ready_timeout, out);
+                    let detail = match missing {
+                        Some(missing) => format!(
+                            "sidecar {missing} is not created yet; the container starts once its sidecars are ready"
+                        ),
+                        None => format!(
+                            "sidecar {} is not ready and the pod's held starts took half its grace period; \
+                             the container starts once its sidecars are ready",
+                            self.waiting_for(&container)
+                        ),
+                    };
+                    self.note(out, &container, "start deferred", detail);
                 } else {
                     let mut until = now + ready_timeout;
                     if let Some(d) = deadline {
                         until = until.min(d.checked_sub(self.settings.answer_margin).unwrap_or(d));
                     }
+                    let pod = self.pods.get_mut(&pod_id).expect("checked");
+                    let defer_at = *pod.hold_until.get_or_insert(now + pod.grace / 2);
                     self.held.insert(
                         call,
                         Held::Start {
                             container: container.clone(),
+                            since: now,
                             deadline: until,
+                            defer_at,
                         },
                     );
                     self.note(
@@ -1610,26 +1624,28 @@ impl Machine {
             }
         }
         // Held starts.
-        let held: Vec<(CallId, ContainerId, Instant)> = self
+        let mut held: Vec<(CallId, ContainerId, Instant, Instant, Instant)> = self
             .held
             .iter()
             .filter_map(|(call, h)| match h {
                 Held::Start {
                     container,
+                    since,
                     deadline,
+                    defer_at,
                 } if self
                     .containers
                     .get(container)
                     .is_some_and(|c| c.pod == pod_id) =>
                 {
-                    Some((*call, container.clone(), *deadline))
+                    Some((*call, container.clone(), *since, *deadline, *defer_at))
                 }
                 _ => None,
             })
             .collect();
-        let mut held = held;
         held.sort();
-        for (call, id, deadline) in held {
+        let ready_timeout = self.pods[pod_id].spec.ready_timeout;
+        for (call, id, since, deadline, defer_at) in held {
             if !self.held.contains_key(&call) {
                 continue;
             }
@@ -1644,6 +1660,35 @@ impl Machine {
                 self.set_state(&id, State::Starting);
                 out.push(Action::Forward(call));
                 self.note(out, &id, "held start released", "sidecars ready".into());
+            } else if missing.is_none() && now >= defer_at && defer_at < deadline {
+                // kubelet cannot interrupt this call (a deletion waits for
+                // it): answer it, and start the container once its sidecars
+                // are ready, as if it had been deferred from the start.
+                self.held.remove(&call);
+                let deferred = self
+                    .containers
+                    .get(&id)
+                    .is_some_and(|c| matches!(c.state, State::Deferred { .. }));
+                if !deferred {
+                    self.defer(now, call, &id, since + ready_timeout, out);
+                    self.note(
+                        out,
+                        &id,
+                        "held start deferred",
+                        format!(
+                            "sidecar {} not ready after {:?}, half the pod's grace period: kubelet is \
+                             answered so that it can delete the pod; the container starts once its \
+                             sidecars are ready",
+                            self.waiting_for(&id),
+                            now - since
+                        ),
+                    );
+                } else {
+                    out.push(Action::Answer {
+                        call,
+                        result: Ok(()),
+                    });
+                }
             } else if now >= deadline || missing.is_some() {
                 // A needed sidecar exited meanwhile (missing), or time is up.
                 self.held.remove(&call);
@@ -1679,6 +1724,55 @@ impl Machine {
                 }
             }
         }
+        // Nothing in the pod waits for its sidecars: a later hold (a
+        // restart) gets its own time.
+        let waiting = self.held.values().any(|h| {
+            matches!(h, Held::Start { container, .. }
+                if self.containers.get(container).is_some_and(|c| c.pod == pod_id))
+        }) || self
+            .pod_containers(pod_id)
+            .any(|c| matches!(c.state, State::Deferred { .. }));
+        if !waiting {
+            if let Some(p) = self.pods.get_mut(pod_id) {
+                p.hold_until = None;
+            }
+        }
+    }
+
+    /// Answer a start and owe it: the container starts once its sidecars
+    /// are ready, or at `deadline` as `on-ready-timeout` says.
+    fn defer(
+        &mut self,
+        now: Instant,
+        call: CallId,
+        id: &ContainerId,
+        deadline: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(pod) = self.containers.get(id).map(|c| c.pod.clone()) else {
+            return;
+        };
+        let creations = self.pods[&pod].creations;
+        let deferral = Deferral {
+            since: now,
+            deadline,
+            creations,
+        };
+        self.set_state(
+            id,
+            State::Deferred {
+                since: now,
+                deadline,
+                creations,
+            },
+        );
+        if let Some(c) = self.containers.get_mut(id) {
+            c.owed = Some(deferral);
+        }
+        out.push(Action::Answer {
+            call,
+            result: Ok(()),
+        });
     }
 
     fn check_job_completion(&mut self, now: Instant, pod_id: &str, out: &mut Vec<Action>) {

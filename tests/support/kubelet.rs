@@ -2,9 +2,12 @@
 //! containerd directly) the way kubelet's pod worker, PLEG and killPod do, so
 //! that tests can compare what happens with and without the shim.
 //!
-//! It follows the project's notes on kubelet's CRI behaviour (kubelet-cri.md).
-//! Where it relies on kubelet behaviour those notes don't state, a comment
-//! says so ("kubelet source:" with the function it comes from).
+//! It follows kubelet v1.28's CRI behaviour as read from kubelet's source
+//! (`pkg/kubelet/kuberuntime/`, `pod_workers.go`, `pleg/generic.go`) and as
+//! observed on the real kubelet of `hack/cluster` (`tests/e2e_cluster.rs`).
+//! Where it relies on a particular piece of kubelet's behaviour, a comment
+//! says so ("kubelet source:" with the function it comes from, or
+//! "observed").
 //!
 //! Per pod:
 //! - [`Kubelet::run_pod`] runs the sandbox (`RunPodSandbox`,
@@ -1740,9 +1743,13 @@ async fn worker_loop(st: Arc<PodState>, first: tokio::sync::OwnedMutexGuard<()>)
             _ = st.wake.notified() => {}
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake_at)) => {}
         }
-        // kubelet's SyncPod calls are not cancelled by a deletion
-        // (kubelet.go SyncPod uses context.WithoutCancel): the kill waits for
-        // the sync in progress, as it waits for this lock.
+        // kubelet's SyncPod calls are not cancelled by a deletion: the kill
+        // waits for the sync in progress, as it waits for this lock. Observed
+        // on kubelet v1.28.7 (e2e_cluster's
+        // deletion_during_a_held_start_ends_within_the_grace_period: before
+        // the shim bounded its holds, a deletion waited for a held
+        // StartContainer until the ready-timeout); 1.28's SyncPod does not
+        // run under the pod worker's cancellable context.
         let _guard = st.worker.lock().await;
         if st.terminating.load(Ordering::SeqCst) || st.finished.load(Ordering::SeqCst) {
             return;

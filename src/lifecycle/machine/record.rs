@@ -356,6 +356,7 @@ impl Machine {
                 teardown: record.teardown.map(at),
                 // Settle again: kubelet may be setting up containers.
                 last_activity: now,
+                hold_until: None,
                 creations: record.creations,
             },
         );
@@ -418,6 +419,7 @@ impl Machine {
                         job_done: false,
                         teardown: None,
                         last_activity: now,
+                        hold_until: None,
                         creations: 0,
                     },
                 );

@@ -229,6 +229,84 @@ fn sidecar_first_start_is_held_until_ready() {
     assert!(forwarded(&out, app_call), "{out:?}");
 }
 
+/// kubelet 1.28 does not cancel a StartContainer when the pod is deleted
+/// (observed: the deletion waited for the held start to end): a hold ends
+/// after half the pod's grace period (30 s here), answered as a deferral;
+/// the container starts once its sidecar is ready. A second app the same
+/// sync starts afterwards is deferred at once; once nothing waits any
+/// more, a later hold gets its own time.
+#[test]
+fn a_held_start_is_deferred_after_half_the_grace_period() {
+    let answered_ok = |out: &[Action], call: CallId| {
+        out.contains(&Action::Answer {
+            call,
+            result: Ok(()),
+        })
+    };
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    w.spec = Arc::new(PodSpec {
+        ready_timeout: Duration::from_secs(90),
+        ..(*w.spec).clone()
+    });
+    let proxy = w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    let app = w.create("app");
+    let (call, out) = w.start("app");
+    assert!(
+        out.iter()
+            .all(|a| !matches!(a, Action::Answer { .. } | Action::Forward(_))),
+        "{out:?}"
+    );
+    assert_eq!(w.m.next_deadline(), Some(w.now + Duration::from_secs(15)));
+    let out = w.advance(Duration::from_millis(14_900));
+    assert!(!answered_ok(&out, call), "still held: {out:?}");
+    let out = w.advance(Duration::from_millis(100));
+    assert!(answered_ok(&out, call), "deferred at 15 s: {out:?}");
+    assert!(matches!(
+        w.m.status_override(&app),
+        Some(StatusOverride::Running { .. })
+    ));
+    // The next app of the same sync is not held again.
+    let app2 = w.create("app2");
+    let (call2, out) = w.start("app2");
+    assert!(answered_ok(&out, call2), "deferred at once: {out:?}");
+    let out = w.ready("proxy");
+    assert!(out.contains(&Action::Start(app.clone())), "{out:?}");
+    assert!(out.contains(&Action::Start(app2.clone())), "{out:?}");
+    w.started("app");
+    w.started("app2");
+    // The proxy restarts later; an app restarted meanwhile is held anew.
+    w.exited("proxy", 1);
+    w.exited("app", 1);
+    w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    w.create("app");
+    let (call3, out) = w.start("app");
+    assert!(!answered_ok(&out, call3), "held anew: {out:?}");
+    let out = w.advance(Duration::from_secs(14));
+    assert!(!answered_ok(&out, call3), "{out:?}");
+    let _ = proxy;
+}
+
+/// A held start that runs into its ready-timeout before half the grace
+/// period is refused as before (`fail`).
+#[test]
+fn a_short_ready_timeout_still_refuses_a_held_start() {
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    w.create("app");
+    let (call, _) = w.start("app");
+    let out = w.advance(Duration::from_secs(10));
+    let refused = out
+        .iter()
+        .any(|a| matches!(a, Action::Answer { call: c, result: Err(_) } if *c == call));
+    assert!(refused, "{out:?}");
+}
+
 #[test]
 fn app_first_start_is_deferred_and_reads_as_running() {
     let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));

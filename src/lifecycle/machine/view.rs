@@ -178,7 +178,14 @@ impl Machine {
             Held::Start {
                 container,
                 deadline,
-            } => (HeldKind::Start, Some(container), None, Some(*deadline)),
+                defer_at,
+                ..
+            } => (
+                HeldKind::Start,
+                Some(container),
+                None,
+                Some((*deadline).min(*defer_at)),
+            ),
             Held::Joined { container } => (HeldKind::Start, Some(container), None, None),
             Held::Stop {
                 container,
@@ -329,8 +336,10 @@ mod tests {
                 kind: HeldKind::Start,
                 container: Some("app2".into()),
                 since: None,
-                // The ready-timeout comes before kubelet's deadline.
-                until: Some(t1 + Duration::from_secs(90)),
+                // Half the pod's grace period (10 s) comes before the
+                // ready-timeout and kubelet's deadline: then the start is
+                // answered and deferred.
+                until: Some(t1 + Duration::from_secs(5)),
             }]
         );
 
