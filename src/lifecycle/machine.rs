@@ -1380,6 +1380,14 @@ impl Machine {
     ) {
         if let Some(c) = self.containers.get_mut(container) {
             c.stop_sent = true;
+            if c.state == State::Starting {
+                // Its start is on its way to the runtime: a stop now finds
+                // it created, and the start then runs it on. It is stopped
+                // once the start has landed.
+                c.stop_after_start = Some(timeout);
+                self.note(out, container, what, "once its start has landed".into());
+                return;
+            }
         }
         out.push(Action::Stop {
             container: container.to_string(),
@@ -1792,13 +1800,19 @@ impl Machine {
         if normals.is_empty() {
             return;
         }
-        let terminal = |c: &Container| match (&c.state, &pod.spec.restart) {
-            (State::Exited { .. }, Restart::Explicit(RestartPolicy::Never)) => true,
-            (State::Exited { code, .. }, Restart::Explicit(RestartPolicy::OnFailure)) => *code == 0,
-            (State::Exited { code, at }, Restart::JobDefault) => {
-                *code == 0 || now >= *at + self.settings.failed_exit_window
+        // A container that never started (its sidecars never got ready)
+        // reads to kubelet as exited with its code, as one that ran does.
+        let terminal = |c: &Container| {
+            let (code, at) = match &c.state {
+                State::Exited { code, at } | State::NeverStarted { code, at, .. } => (*code, *at),
+                _ => return false,
+            };
+            match &pod.spec.restart {
+                Restart::Explicit(RestartPolicy::Never) => true,
+                Restart::Explicit(RestartPolicy::OnFailure) => code == 0,
+                Restart::JobDefault => code == 0 || now >= at + self.settings.failed_exit_window,
+                _ => false,
             }
-            _ => false,
         };
         if normals.iter().all(|c| terminal(c)) {
             let name = pod.name.clone();

@@ -487,6 +487,59 @@ fn job_completion_stops_sidecars_in_reverse_and_rewrites_exit() {
     ));
 }
 
+/// A Job pod (Never) whose app never started (its sidecar never got
+/// ready, `fail`): kubelet reads the app as exited 128, so the Job is done
+/// and the sidecar is stopped. (Found by the property test's invariant 7:
+/// before, the pod ran on with its sidecar.)
+#[test]
+fn a_job_whose_app_never_started_stops_its_sidecar() {
+    let mut w = World::new(spec(
+        &["proxy"],
+        Restart::Explicit(RestartPolicy::Never),
+        OnReadyTimeout::Fail,
+    ));
+    let proxy = w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    w.create("app");
+    w.start("app");
+    let mut out = w.advance(Duration::from_secs(10));
+    out.extend(w.advance(Duration::from_secs(5)));
+    assert_eq!(stops_of(&out, &proxy).len(), 1, "{out:?}");
+}
+
+/// Job completion while kubelet's start of a sidecar (a new attempt,
+/// OnFailure) is on its way to the runtime: the sidecar is stopped once
+/// that start has landed, not before (a stop then would find it created,
+/// and the start would run it on). Found by the property test.
+#[test]
+fn a_sidecar_whose_start_is_on_its_way_is_stopped_once_it_has_landed() {
+    let mut w = World::new(spec(
+        &["proxy"],
+        Restart::Explicit(RestartPolicy::OnFailure),
+        OnReadyTimeout::Fail,
+    ));
+    w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    w.ready("proxy");
+    w.create("app");
+    w.start("app");
+    w.started("app");
+    w.exited("proxy", 1);
+    let proxy = w.create("proxy");
+    w.start("proxy");
+    w.advance(Duration::from_secs(3));
+    let mut out = w.exited("app", 0);
+    out.extend(w.advance(Duration::from_secs(3)));
+    assert!(
+        stops_of(&out, &proxy).is_empty(),
+        "not before its start landed: {out:?}"
+    );
+    let out = w.started("proxy");
+    assert_eq!(stops_of(&out, &proxy).len(), 1, "{out:?}");
+}
+
 #[test]
 fn lone_sidecar_stop_goes_ahead_after_the_evidence_window() {
     let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
@@ -567,6 +620,15 @@ enum Step {
     /// landed; with false the containers are still created, and kubelet,
     /// told the start failed, makes new attempts.
     RuntimeRestart(bool),
+    /// The next start to reach the model's runtime fails there (the
+    /// container exits 128 without having run).
+    FailNextStart,
+    /// kubelet's deadline for its held start passes: the call is
+    /// cancelled ([`Event::Cancelled`]), the container stays created, and
+    /// kubelet makes a new attempt.
+    CancelHeld,
+    /// kubelet's garbage collection removes an exited container.
+    Remove(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -580,6 +642,9 @@ fn step() -> impl Strategy<Value = Step> {
         (1..5000u64).prop_map(Step::Advance),
         any::<bool>().prop_map(Step::Crash),
         any::<bool>().prop_map(Step::RuntimeRestart),
+        Just(Step::FailNextStart),
+        Just(Step::CancelHeld),
+        (0..5usize).prop_map(Step::Remove),
     ]
 }
 
@@ -700,7 +765,7 @@ proptest! {
     /// else while a start is held) and goes on after a regular container
     /// ([`Event::PodWork`]), never after an init container.
     #[test]
-    fn invariants(random in proptest::collection::vec(step(), 1..60), restart in restart(), start_on_timeout in any::<bool>(), warm in any::<bool>(), with_init in any::<bool>(), sidecars_first in any::<bool>(), long_timeout in any::<bool>()) {
+    fn invariants(random in proptest::collection::vec(step(), 1..60), restart in restart(), start_on_timeout in any::<bool>(), warm in any::<bool>(), with_init in any::<bool>(), sidecars_first in any::<bool>(), long_timeout in any::<bool>(), job in any::<bool>()) {
         // Half the cases start from a pod that came up normally, so that
         // shutdown and Job completion are reached often. Some have an init
         // container: kubelet creates it first and creates nothing else until
@@ -726,8 +791,22 @@ proptest! {
                 }
             }
         }
-        steps.extend(random);
-        // Enough time for every bound to pass.
+        // Half the cases are Job pods (Never) that nobody deletes, so that
+        // Job completion is reached often.
+        let restart = if job { Restart::Explicit(RestartPolicy::Never) } else { restart };
+        steps.extend(random.into_iter().filter(|s| !job || !matches!(s, Step::Delete)));
+        // Enough time for every bound to pass; in a Job, the normal
+        // containers that run then finish.
+        // (kubelet's sync makes and starts what is missing, first).
+        if job {
+            for i in 0..4 {
+                steps.extend([Step::Create(i), Step::Start(i), Step::Advance(1)]);
+                if i < 2 {
+                    steps.push(Step::Ready(i));
+                }
+            }
+            steps.extend([Step::Advance(200_000), Step::Advance(1), Step::Exit(2, 0), Step::Exit(3, 1)]);
+        }
         steps.extend((0..5).map(|_| Step::Advance(200_000)));
         let on_timeout = if start_on_timeout { OnReadyTimeout::Start } else { OnReadyTimeout::Fail };
         let mut w = World::new(spec(&["s0", "s1"], restart, on_timeout));
@@ -739,6 +818,10 @@ proptest! {
         let mut delete_at: Option<Instant> = None;
         // Starts answered by a restart of the shim (no action says so).
         let mut failed_at: HashMap<CallId, Instant> = HashMap::new();
+        // Containers whose start kubelet saw fail (refused, cancelled,
+        // failed in the runtime): it makes a new attempt.
+        let mut refused: std::collections::HashSet<String> = Default::default();
+        let mut fail_next_start = false;
         // The model's truth: which container ids really run, sidecar readiness.
         let mut running: HashMap<String, bool> = HashMap::new();
         let mut ready: HashMap<String, bool> = HashMap::new();
@@ -766,7 +849,17 @@ proptest! {
                     // kubelet creates a new attempt only when the latest one
                     // is not running and no start of it is under way, and
                     // no regular container before the init container exited.
-                    let live = w.ids.get(name).is_some_and(|id| running.contains_key(id) && !exited.contains(id));
+                    let live = w.ids.get(name).is_some_and(|id| running.contains_key(id) && !exited.contains(id) && !refused.contains(id));
+                    // An ended attempt is made again as the restart policy says.
+                    let again = w.ids.get(name).is_none_or(|id| {
+                        let failed = refused.contains(id) || codes.get(id).is_some_and(|c| *c != 0);
+                        match restart {
+                            Restart::Explicit(RestartPolicy::Never) => !exited.contains(id) && !refused.contains(id),
+                            Restart::Explicit(RestartPolicy::OnFailure) | Restart::JobDefault => failed || !exited.contains(id),
+                            _ => true,
+                        }
+                    });
+                    if !again { continue; }
                     let init_pending = with_init && i != INIT && !w.ids.get(NAMES[INIT]).is_some_and(|id| exited.contains(id));
                     // kubelet's sync of the pod is one goroutine: it creates
                     // nothing while one of its starts is held.
@@ -780,7 +873,7 @@ proptest! {
                     // kubelet starts nothing in a pod being deleted, nor
                     // while another of its starts is held.
                     let start_held = start_held(&w, &start_calls);
-                    if running.contains_key(&id) || exited.contains(&id) || deleting || start_held { continue; }
+                    if running.contains_key(&id) || exited.contains(&id) || refused.contains(&id) || deleting || start_held { continue; }
                     let (call, mut out) = w.start(NAMES[i]);
                     calls.push(call);
                     start_calls.insert(call, id.clone());
@@ -836,7 +929,13 @@ proptest! {
                     let mut out = Vec::new();
                     let mut ms = ms;
                     for (kind, id) in std::mem::take(&mut landing) {
-                        if kind != Land::Exit {
+                        if kind != Land::Exit && std::mem::take(&mut fail_next_start) {
+                            running.remove(&id);
+                            exited.insert(id.clone());
+                            codes.insert(id.clone(), 128);
+                            deferred.remove(&id);
+                            out.extend(w.feed(Event::StartDone { container: id, ok: false }));
+                        } else if kind != Land::Exit {
                             running.insert(id.clone(), true);
                             deferred.remove(&id);
                             out.extend(w.feed(Event::StartDone { container: id, ok: true }));
@@ -856,6 +955,28 @@ proptest! {
                         out.extend(w.advance(Duration::from_millis(d)));
                     }
                     out
+                }
+                Step::FailNextStart => {
+                    fail_next_start = true;
+                    continue;
+                }
+                Step::CancelHeld => {
+                    let held: Vec<CallId> = start_calls.keys().filter(|c| w.answered.get(c).copied().unwrap_or(0) == 0).copied().collect();
+                    let mut out = Vec::new();
+                    for call in held {
+                        w.answered.insert(call, 1);
+                        failed_at.insert(call, w.now);
+                        let id = start_calls[&call].clone();
+                        running.remove(&id);
+                        refused.insert(id);
+                        out.extend(w.feed(Event::Cancelled { call }));
+                    }
+                    out
+                }
+                Step::Remove(i) => {
+                    let Some(id) = w.ids.get(NAMES[i]).cloned() else { continue };
+                    if !exited.contains(&id) && !refused.contains(&id) { continue; }
+                    w.feed(Event::ContainerRemoved { container: id })
                 }
                 Step::RuntimeRestart(landed) => {
                     let mut out = Vec::new();
@@ -945,6 +1066,14 @@ proptest! {
                             deferred.insert(id.clone());
                         }
                     }
+                    if let Action::Answer { call, result: Err(_) } = &a {
+                        if let Some(id) = start_calls.get(call) {
+                            if !running.get(id).copied().unwrap_or(false) {
+                                running.remove(id);
+                                refused.insert(id.clone());
+                            }
+                        }
+                    }
                     let started = match &a {
                         Action::Forward(c) => start_calls.get(c).cloned(),
                         Action::Start(id) => Some(id.clone()),
@@ -1023,6 +1152,21 @@ proptest! {
             if deferred.contains(id) && !deleting {
                 let ran = running.get(id).copied().unwrap_or(false) || exited.contains(id);
                 prop_assert!(ran, "init container {id} answered as started, never started: {:?}", w.m.status_override(id));
+            }
+        }
+        // 7. A Job pod under Never whose normal containers all ended (exited,
+        // or their start failed) has no sidecar left running.
+        if restart == Restart::Explicit(RestartPolicy::Never) && !deleting {
+            let ended = |id: &String| {
+                exited.contains(id)
+                    || refused.contains(id)
+                    || matches!(w.m.status_override(id), Some(StatusOverride::Exited { .. }))
+            };
+            let normals: Vec<&String> = ["app", "worker"].iter().filter_map(|n| w.ids.get(*n)).collect();
+            let init_done = !with_init || w.ids.get(NAMES[INIT]).is_some_and(ended);
+            if init_done && normals.len() == 2 && normals.iter().all(|id| ended(id)) {
+                let left: Vec<&String> = running.iter().filter(|(id, r)| **r && is_sidecar(&name_of(id))).map(|(id, _)| id).collect();
+                prop_assert!(left.is_empty(), "normal containers ended, sidecars still run: {left:?}\n{:#?}", w.actions.iter().map(|(t, a)| format!("{:?} {:?}", t, a)).collect::<Vec<_>>());
             }
         }
         // 6. kubelet's kill did not wait for a held start beyond half the
