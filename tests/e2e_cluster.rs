@@ -213,6 +213,96 @@ fn startup_the_app_reaches_its_sidecar_on_the_first_try() -> Result<()> {
     Ok(())
 }
 
+/// How long the slow registry holds each blob download.
+const SLOW_PULL: Duration = Duration::from_secs(10);
+
+/// The app is listed first and its proxy's image comes from a registry on
+/// loopback that holds each blob 10 s (a first pull of a mesh proxy's image
+/// on a real node). kubelet creates and starts the app, then pulls the
+/// proxy's image for 10 s or more before it creates the proxy: the shim
+/// must not take the deferred app for an init container (kubelet created
+/// nothing after it for seconds); kubelet's PullImage for the pod says it
+/// went on to the next container. The app starts once the proxy listens
+/// and connects on its first try.
+#[test]
+fn startup_the_app_waits_out_a_slow_pull_of_its_sidecars_image() -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    let registry = rt.block_on(support::registry::SlowRegistry::start(SLOW_PULL))?;
+    let cluster = Cluster::up(Mode::Shim)?;
+    let text = manifest_text("app-first.yaml")?.replace("name: app-first", "name: slow-pull");
+    let (head, proxy) = text
+        .split_once("    - name: proxy")
+        .context("app-first.yaml has no proxy container")?;
+    let proxy = proxy
+        .replacen(
+            "image: localhost/sidecar-shim/busybox:test",
+            &format!("image: {}", registry.image("e2e")),
+            1,
+        )
+        .replacen("imagePullPolicy: Never", "imagePullPolicy: IfNotPresent", 1);
+    cluster.apply(&format!("{head}    - name: proxy{proxy}"))?;
+    let (pod, records) =
+        wait_pod(
+            &cluster,
+            "slow-pull",
+            "app connected and running",
+            |pod, r| {
+                if r.count("app", "refused") > 0 {
+                    return Err(cluster.fail(&format!(
+                        "through the shim: the app's connection was refused:\n{r}"
+                    )));
+                }
+                Ok(r.count("app", "connected") > 0
+                    && container_status(pod, "app").is_some_and(running))
+            },
+        )?;
+    let app_status = status_of(&cluster, &pod, "app")?;
+    check(&cluster, app_status["restartCount"] == 0, || {
+        format!("the app restarted: {app_status}")
+    })?;
+    check(
+        &cluster,
+        records.events("app") == ["start", "connected"],
+        || format!("the app's records are not one start and a connection:\n{records}"),
+    )?;
+    let rt_pod = cluster.runtime_pod(pod_uid(&pod))?;
+    let app_created =
+        up(rt_pod.one("app")?.created).context("containerd: the app has no created_at")?;
+    let proxy_start = records
+        .first("proxy", "start")
+        .context("no proxy start record")?;
+    let listen = records
+        .first("proxy", "listen")
+        .context("no proxy listen record")?;
+    let app_first = records
+        .first("app", "start")
+        .context("no app start record")?;
+    let waited = proxy_start - app_created;
+    check(
+        &cluster,
+        registry.blobs_served() >= 1 && waited >= SLOW_PULL.as_secs_f64(),
+        || {
+            format!(
+                "the proxy's image was not pulled slowly: {} blobs served, the proxy started \
+                 {waited:.1} s after the app was created",
+                registry.blobs_served()
+            )
+        },
+    )?;
+    check(&cluster, app_first >= listen, || {
+        format!(
+            "the app's first command at {app_first:.2}, before the proxy listened at {listen:.2}:\n{records}"
+        )
+    })?;
+    eprintln!(
+        "through the shim: the proxy's image took {waited:.1} s to pull ({} blobs held {SLOW_PULL:?} \
+         each); the app's first command came {:.0} ms after the proxy listened; restartCount 0",
+        registry.blobs_served(),
+        (app_first - listen) * 1000.0
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // Jobs
 
