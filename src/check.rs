@@ -369,10 +369,14 @@ fn hook(container: &Value, which: &str) -> Option<&'static str> {
         .find(|k| h.get(k).is_some_and(|v| !v.is_null()))
 }
 
-/// A container's liveness and startup probes, each with about how long
-/// after the start kubelet kills the container when every probe fails:
+/// A container's liveness and startup probes that kubelet connects to it
+/// for (`httpGet`, `tcpSocket`, `grpc`), each with about how long after the
+/// start kubelet kills the container when every probe fails:
 /// initialDelaySeconds + failureThreshold x periodSeconds (kubelet's
-/// defaults: 0, 3, 10).
+/// defaults: 0, 3, 10). Exec probes of a deferred container never kill it:
+/// the shim refuses their ExecSync, and kubelet counts a probe that errors
+/// as neither success nor failure (measured on kubelet v1.28.7, see the
+/// README's Checking manifests).
 fn killing_probes(container: &Value) -> Vec<(&'static str, Duration)> {
     let secs =
         |p: &Value, key: &str, default: u64| p.get(key).and_then(Value::as_u64).unwrap_or(default);
@@ -383,6 +387,12 @@ fn killing_probes(container: &Value) -> Vec<(&'static str, Duration)> {
     .into_iter()
     .filter_map(|(key, what)| {
         let p = container.get(key).filter(|p| p.is_object())?;
+        if !["httpGet", "tcpSocket", "grpc"]
+            .iter()
+            .any(|k| p.get(*k).is_some())
+        {
+            return None;
+        }
         let after = secs(p, "initialDelaySeconds", 0)
             + secs(p, "failureThreshold", 3) * secs(p, "periodSeconds", 10);
         Some((what, Duration::from_secs(after)))
@@ -735,8 +745,8 @@ fn check_order(s: &PodSpec, regular: &[Container], f: &mut Vec<Finding>) {
                         "probe-deferred",
                         format!(
                             "{c} has a {probe} and precedes sidecar {missing}: while {c}'s \
-                             start is deferred the probe fails (an exec cannot run in it, \
-                             nothing listens), and kubelet kills {c} after about {}s of \
+                             start is deferred the probe fails (nothing listens), and \
+                             kubelet kills {c} after about {}s of \
                              failures, before the ready-timeout ({}s) gives {missing} up; \
                              list the sidecars first, or give the probe an \
                              initialDelaySeconds past the sidecar's start",
@@ -1102,6 +1112,15 @@ spec:
                     "Pod",
                     s,
                     "containers:\n- {name: app, startupProbe: {exec: {command: [x]}, failureThreshold: 30}}\n- {name: proxy}",
+                ),
+                vec![(Severity::Warning, "sidecar-after-app")],
+            ),
+            (
+                "exec probes of a deferred app error without killing it",
+                pod(
+                    "Pod",
+                    s,
+                    "containers:\n- {name: app, livenessProbe: {exec: {command: [x]}}, startupProbe: {exec: {command: [x]}}}\n- {name: proxy}",
                 ),
                 vec![(Severity::Warning, "sidecar-after-app")],
             ),

@@ -812,6 +812,10 @@ impl Machine {
                 if let Some(g) = grace {
                     p.grace = g;
                 }
+                // kubelet creates nothing in a pod it is deleting: the stop
+                // that looked like the start of a shutdown was a single
+                // container's (a failed liveness probe or postStart hook).
+                p.terminating = None;
                 p.last_activity = now;
                 p.creations += 1;
                 if !p.containers.contains(&container) {

@@ -540,6 +540,41 @@ fn a_sidecar_whose_start_is_on_its_way_is_stopped_once_it_has_landed() {
     assert_eq!(stops_of(&out, &proxy).len(), 1, "{out:?}");
 }
 
+/// kubelet kills a deferred app alone (its HTTP liveness probe failed, or
+/// its postStart hook, on kubelet v1.28.7) and makes a new attempt: the
+/// pod is not shutting down, and the new attempt starts once the proxy is
+/// ready. (Before, the first stop marked the pod as shutting down for
+/// good, and the new attempt waited out its ready-timeout.)
+#[test]
+fn an_app_killed_alone_while_deferred_starts_again_once_its_sidecar_is_ready() {
+    let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
+    w.spec = Arc::new(PodSpec {
+        ready_timeout: Duration::from_secs(90),
+        ..(*w.spec).clone()
+    });
+    w.create("app");
+    w.start("app");
+    w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    w.advance(Duration::from_secs(3));
+    w.stop("app", Duration::from_secs(30));
+    let app = w.create("app");
+    let (call, _) = w.start("app");
+    // Held (the proxy runs), then deferred after half the grace period.
+    let out = w.advance(Duration::from_secs(15));
+    assert!(
+        out.contains(&Action::Answer {
+            call,
+            result: Ok(())
+        }),
+        "deferred: {out:?}"
+    );
+    w.advance(Duration::from_secs(2));
+    let out = w.ready("proxy");
+    assert!(out.contains(&Action::Start(app)), "{out:?}");
+}
+
 #[test]
 fn lone_sidecar_stop_goes_ahead_after_the_evidence_window() {
     let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
