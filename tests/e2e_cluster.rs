@@ -653,6 +653,101 @@ fn deletion_during_a_held_start_ends_within_the_grace_period() -> Result<()> {
     Ok(())
 }
 
+/// kubelet v1.28.7 kills a deferred app whose TCP liveness probe fails
+/// (nothing listens while its start is deferred) and makes a new attempt.
+/// Once the probe passes, that attempt is not killed any more, and it
+/// starts as soon as the proxy is ready, not at its ready-timeout. (Before,
+/// the kill marked the pod as shutting down for good in the shim, and the
+/// attempt waited out its ready-timeout: 81 s down, measured.)
+#[test]
+fn deferred_app_killed_by_its_probe_starts_once_its_sidecar_is_ready() -> Result<()> {
+    let cluster = Cluster::up(Mode::Shim)?;
+    let touch = |file: &str| {
+        cluster.wait_for(
+            START_TIMEOUT,
+            "kubectl exec into probed-app's proxy",
+            || {
+                Ok(cluster
+                    .kubectl(&["exec", "probed-app", "-c", "proxy", "--", "touch", file])
+                    .ok())
+            },
+        )
+    };
+    cluster.apply_file(&manifest("probed-app.yaml"))?;
+    let (pod, _) = wait_pod(
+        &cluster,
+        "probed-app",
+        "the app killed by its probe",
+        |pod, _| {
+            Ok(container_status(pod, "app")
+                .is_some_and(|s| s["restartCount"].as_i64().unwrap_or(0) >= 1))
+        },
+    )?;
+    let uid = pod_uid(&pod).to_owned();
+    touch("/tmp/up")?;
+    // Once the probe passes, kubelet kills no more: the attempt then waiting
+    // in containerd (its hold over, deferred) is the one to start.
+    let mut last: (i64, Instant) = (-1, Instant::now());
+    let attempt = cluster.wait_for(
+        START_TIMEOUT,
+        "an attempt of the app no longer killed",
+        || {
+            let pod = cluster.pod("probed-app")?;
+            let restarts = container_status(&pod, "app")
+                .and_then(|s| s["restartCount"].as_i64())
+                .unwrap_or(-1);
+            if restarts != last.0 {
+                last = (restarts, Instant::now());
+            }
+            if last.1.elapsed() < Duration::from_secs(12) {
+                return Ok(None);
+            }
+            let rt = cluster.runtime_pod(&uid)?;
+            // (Killed attempts stay CREATED too: they never ran.)
+            let latest = rt.named("app").into_iter().max_by_key(|c| c.attempt);
+            let waiting = latest.filter(|c| {
+                c.state == "CREATED" && up(c.created).is_some_and(|t| uptime_now() - t >= 3.0)
+            });
+            Ok(waiting.map(|c| c.attempt))
+        },
+    )?;
+    touch("/tmp/go")?;
+    let (_, records) = wait_pod(&cluster, "probed-app", "the app connected", |_, r| {
+        Ok(r.count("app", "connected") > 0)
+    })?;
+    let listen = records
+        .first("proxy", "listen")
+        .context("no proxy listen record")?;
+    let app_first = records
+        .first("app", "start")
+        .context("no app start record")?;
+    let rt = cluster.runtime_pod(&uid)?;
+    let ran: Vec<u32> = rt
+        .named("app")
+        .into_iter()
+        .filter(|c| c.started.is_some())
+        .map(|c| c.attempt)
+        .collect();
+    check(
+        &cluster,
+        ran == [attempt] && app_first - listen <= 5.0,
+        || {
+            format!(
+                "want attempt {attempt} (waiting once the probe passed) to start once the proxy \
+                 listened; attempts started: {ran:?}, the app's first command {:.1} s after \
+                 the proxy listened:\n{records}",
+                app_first - listen
+            )
+        },
+    )?;
+    eprintln!(
+        "through the shim: attempt {attempt} of the app, deferred after its predecessors were killed \
+         by the liveness probe, started {:.2} s after the proxy listened",
+        app_first - listen
+    );
+    Ok(())
+}
+
 /// Waits until the deleted pod is gone from the API; meanwhile reads
 /// containerd (straight) for when `app` and `proxy` finished.
 fn watch_deletion(cluster: &Cluster, name: &str, uid: &str) -> Result<BTreeMap<String, f64>> {
