@@ -944,6 +944,116 @@ fn plain_pods_behave_as_without_the_shim() -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------
+// Native sidecars
+
+/// A native sidecar (init container, `restartPolicy: Always`) next to an
+/// annotated sidecar, on kubelet v1.28.7, which does not mark init
+/// containers over the CRI (`native-mixed.yaml`). Without a startupProbe
+/// kubelet counts the native sidecar as started and goes on: the shim,
+/// taking it for an app listed before `mesh`, starts it once `mesh` is
+/// ready. With one, kubelet waits for it and creates nothing else, and the
+/// shim starts it as an init container, 2 s late, before `mesh` is even
+/// created. Either way the app reaches both sidecars on its first try,
+/// nothing restarts or is created twice, and a deletion stops `mesh` only
+/// after the app exited, within the grace period.
+#[test]
+fn native_sidecar_next_to_an_annotated_one() -> Result<()> {
+    let cluster = Cluster::up(Mode::Shim)?;
+    cluster.apply_file(&manifest("native-mixed.yaml"))?;
+    let mut uids = Vec::new();
+    for name in ["native-plain", "native-probed"] {
+        let (pod, records) = wait_pod(&cluster, name, "the app reached its sidecars", |pod, r| {
+            // Only a startupProbe makes kubelet wait for the native
+            // sidecar to serve (with the shim or without it).
+            let native_refused = match name {
+                "native-probed" => r.count("app", "native-refused"),
+                _ => 0,
+            };
+            if r.count("app", "refused") + native_refused > 0 {
+                return Err(cluster.fail(&format!("pod {name}: the app was refused:\n{r}")));
+            }
+            let tried = r.count("app", "native-ok") + r.count("app", "native-refused");
+            Ok(tried > 0 && container_status(pod, "app").is_some_and(running))
+        })?;
+        let native = init_container_status(&pod, "native").context("no status for native")?;
+        let restarts: Vec<i64> = [
+            Some(native),
+            container_status(&pod, "mesh"),
+            container_status(&pod, "app"),
+        ]
+        .iter()
+        .map(|s| s.map_or(-1, |s| s["restartCount"].as_i64().unwrap_or(-1)))
+        .collect();
+        check(&cluster, restarts == [0, 0, 0], || {
+            format!("pod {name}: restart counts (native, mesh, app) {restarts:?}")
+        })?;
+        let rt = cluster.runtime_pod(pod_uid(&pod))?;
+        for c in ["native", "mesh", "app"] {
+            check(&cluster, rt.named(c).len() == 1, || {
+                format!(
+                    "pod {name}: {} containers named {c} in containerd",
+                    rt.named(c).len()
+                )
+            })?;
+        }
+        let first = |c: &str| {
+            records
+                .first(c, "start")
+                .with_context(|| format!("no {c} start record"))
+        };
+        let (native_first, mesh_first, app_first) =
+            (first("native")?, first("mesh")?, first("app")?);
+        let listen = records
+            .first("mesh", "listen")
+            .context("no mesh listen record")?;
+        check(&cluster, app_first >= listen, || {
+            format!("pod {name}: the app started before mesh listened:\n{records}")
+        })?;
+        let native_created = up(rt.one("native")?.created).context("native has no created_at")?;
+        if name == "native-probed" {
+            check(&cluster, native_first < mesh_first, || {
+                format!("pod {name}: the native sidecar did not start before mesh:\n{records}")
+            })?;
+        } else {
+            check(&cluster, native_first >= listen, || {
+                format!("pod {name}: the native sidecar started before mesh listened:\n{records}")
+            })?;
+        }
+        eprintln!(
+            "through the shim, {name}: native sidecar's first command {:.2} s after containerd \
+             created it, mesh listened {:.2} s after that, the app started {:.2} s after mesh listened",
+            native_first - native_created,
+            listen - native_first,
+            app_first - listen
+        );
+        uids.push(pod_uid(&pod).to_owned());
+    }
+    for (name, uid) in ["native-plain", "native-probed"].into_iter().zip(&uids) {
+        let deleted = uptime_now();
+        cluster.kubectl(&["delete", "pod", name, "--wait=false"])?;
+        let finished = watch_deletion(&cluster, name, uid)?;
+        let gone = uptime_now() - deleted;
+        let records = cluster.records(uid);
+        let mesh_term = records
+            .first("mesh", "sigterm")
+            .context("no mesh sigterm record")?;
+        // containerd's finish time is exact, the record truncated to 10 ms.
+        let app_finished = finished.get("app").copied().unwrap_or(f64::MAX);
+        check(
+            &cluster,
+            app_finished <= mesh_term + 0.01 && gone <= 5.0,
+            || {
+                format!(
+                "pod {name}: gone {gone:.1} s after its deletion (grace 5 s); want mesh's SIGTERM \
+                 after the app finished ({app_finished:.3}):\n{records}"
+            )
+            },
+        )?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
 // Init containers
 
 /// Init containers run first, in order, once each, and the app still
