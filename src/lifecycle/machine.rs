@@ -722,7 +722,7 @@ impl Machine {
             }
         }
         for (id, pod) in &self.pods {
-            if job_like(&pod.spec.restart) && !pod.job_done && pod.terminating.is_none() {
+            if job_like(&pod.spec.restart) && !pod.job_done && pod.teardown.is_none() {
                 at(pod.last_activity + self.settings.settle);
                 for c in self.pod_containers(id) {
                     if let State::Exited { code, at: t } = c.state {
@@ -1540,8 +1540,12 @@ impl Machine {
             })
             .collect();
         for (id, since, deadline, creations) in deferred {
-            let terminating = self.pods[pod_id].terminating.is_some() || self.pods[pod_id].job_done;
-            if terminating {
+            // (A stop of a normal container is only a sign of a deletion:
+            // kubelet stops each deferred container of a pod it deletes,
+            // which ends its deferral, and stops one alone when its probe
+            // or postStart hook failed.)
+            let going = self.pods[pod_id].teardown.is_some() || self.pods[pod_id].job_done;
+            if going {
                 // Nothing starts in a pod that is going away; at its
                 // deadline the start fails, so that it stops reading as
                 // running.
@@ -1789,7 +1793,11 @@ impl Machine {
 
     fn check_job_completion(&mut self, now: Instant, pod_id: &str, out: &mut Vec<Action>) {
         let pod = &self.pods[pod_id];
-        if pod.job_done || pod.terminating.is_some() || !job_like(&pod.spec.restart) {
+        // Not held back by a normal container's stop, which may be kubelet
+        // killing it alone: during a deletion kubelet's own stops of the
+        // sidecars are held, and the shim's own stop is sent only for a
+        // sidecar kubelet has not asked to stop.
+        if pod.job_done || pod.teardown.is_some() || !job_like(&pod.spec.restart) {
             return;
         }
         if now < pod.last_activity + self.settings.settle {

@@ -575,6 +575,36 @@ fn an_app_killed_alone_while_deferred_starts_again_once_its_sidecar_is_ready() {
     assert!(out.contains(&Action::Start(app)), "{out:?}");
 }
 
+/// A Job pod (Never) whose app kubelet killed alone (a failed liveness
+/// probe) and whose worker then exits: both are terminal, the Job is done
+/// and the sidecar is stopped. (Found by the property test: the app's stop
+/// counted as the start of a deletion, which held Job completion back for
+/// good.)
+#[test]
+fn a_job_whose_app_was_killed_alone_completes() {
+    let mut w = World::new(spec(
+        &["proxy"],
+        Restart::Explicit(RestartPolicy::Never),
+        OnReadyTimeout::Fail,
+    ));
+    let proxy = w.create("proxy");
+    w.start("proxy");
+    w.started("proxy");
+    w.ready("proxy");
+    for app in ["app", "worker"] {
+        w.create(app);
+        w.start(app);
+        w.started(app);
+    }
+    w.advance(Duration::from_secs(3));
+    let (call, out) = w.stop("app", Duration::from_secs(30));
+    assert!(forwarded(&out, call), "{out:?}");
+    w.exited("app", 137);
+    let mut out = w.exited("worker", 0);
+    out.extend(w.advance(Duration::from_secs(5)));
+    assert_eq!(stops_of(&out, &proxy).len(), 1, "{out:?}");
+}
+
 #[test]
 fn lone_sidecar_stop_goes_ahead_after_the_evidence_window() {
     let mut w = World::new(spec(&["proxy"], Restart::Default, OnReadyTimeout::Fail));
@@ -664,6 +694,10 @@ enum Step {
     CancelHeld,
     /// kubelet's garbage collection removes an exited container.
     Remove(usize),
+    /// kubelet stops the pod's sandbox (after its stops, or with
+    /// containers still running): the runtime kills what still runs in it
+    /// once the call reaches it.
+    StopPod,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -680,6 +714,7 @@ fn step() -> impl Strategy<Value = Step> {
         Just(Step::FailNextStart),
         Just(Step::CancelHeld),
         (0..5usize).prop_map(Step::Remove),
+        Just(Step::StopPod),
     ]
 }
 
@@ -819,8 +854,8 @@ proptest! {
         }
         if warm {
             for i in 0..4 {
-                steps.push(Step::Create(i));
-                steps.push(Step::Start(i));
+                // (A start lands with the next step that lets time pass.)
+                steps.extend([Step::Create(i), Step::Start(i), Step::Advance(1)]);
                 if i < 2 {
                     steps.push(Step::Ready(i));
                 }
@@ -857,6 +892,7 @@ proptest! {
         // failed in the runtime): it makes a new attempt.
         let mut refused: std::collections::HashSet<String> = Default::default();
         let mut fail_next_start = false;
+        let mut stop_pod_calls: Vec<CallId> = Vec::new();
         // The model's truth: which container ids really run, sidecar readiness.
         let mut running: HashMap<String, bool> = HashMap::new();
         let mut ready: HashMap<String, bool> = HashMap::new();
@@ -1008,6 +1044,16 @@ proptest! {
                     }
                     out
                 }
+                Step::StopPod => {
+                    // kubelet's pod worker is busy while a start is held.
+                    if start_held(&w, &start_calls) { continue; }
+                    // kubelet creates nothing in a pod whose sandbox it stops.
+                    deleting = true;
+                    let call = w.call();
+                    calls.push(call);
+                    stop_pod_calls.push(call);
+                    w.feed(Event::StopPodCalled { call, pod: "pod".into(), deadline: None })
+                }
                 Step::Remove(i) => {
                     let Some(id) = w.ids.get(NAMES[i]).cloned() else { continue };
                     if !exited.contains(&id) && !refused.contains(&id) { continue; }
@@ -1126,6 +1172,16 @@ proptest! {
                         prop_assert!(all_ready || timed_out || is_init(&name), "{name} started with sidecars not ready at {:?}", w.now);
                         let kind = if matches!(a, Action::Start(_)) { Land::ShimStart } else { Land::KubeletStart };
                         landing.push((kind, id));
+                    }
+                    // StopPodSandbox reaches the runtime: what runs dies.
+                    if let Action::Forward(c) = &a {
+                        if stop_pod_calls.contains(c) {
+                            for (id, r) in &running {
+                                if *r {
+                                    landing.push((Land::Exit, id.clone()));
+                                }
+                            }
+                        }
                     }
                     let stopped = match &a {
                         // A repeated stop shares the first one's wait.
