@@ -32,6 +32,52 @@
 //!
 //! Every CRI call is recorded with its start and end ([`CriCall`]), and the
 //! pod's notable moments as [`PodEvent`]s.
+//!
+//! Calibration against kubelet v1.28.7 (each straight at containerd 1.6.20,
+//! the per-pod sequence of CRI calls as containerd logs them at trace
+//! level, for app-first, sidecar-first, a Job and a deletion with an exec
+//! preStop hook): startup is the same call for call (RunPodSandbox,
+//! PodSandboxStatus, then per container in spec order ImageStatus twice,
+//! CreateContainer, StartContainer, each right after the previous one
+//! returned), and so are stops (all in parallel; an exec preStop hook with
+//! timeout 0 beside the other stops, its container's StopContainer right
+//! after it; timeout the grace less the hook's whole seconds, at least 2 s;
+//! StopPodSandbox once every stop returned), the first restart (right after
+//! the status read that shows the exit) and the 1 s relist. What differs,
+//! and why the simulator may keep it:
+//! - kubelet's PLEG reads a changed pod's status itself, node-wide, also
+//!   while the pod worker's StartContainer or StopContainer is in flight
+//!   (ContainerStatus of a container whose start is on its way reads
+//!   CREATED); here only the worker reads it, between its own calls. This
+//!   matters to a proxy that holds starts and stops (its status answers
+//!   must not wait for them): `tests/e2e_cluster.rs` covers it on the real
+//!   kubelet, and `tests/restart_window.rs` and `tests/admin.rs` read
+//!   statuses during holds.
+//! - kubelet's syncs that no relist triggered (a deletion, a restart after
+//!   crash-loop backoff) read no status first: they act on the cached one.
+//!   Here `terminate` and each sync read it fresh. The shim answers the
+//!   unfiltered ListContainers and ContainerStatus alike (one rewrite for
+//!   both), which is what a cached status would show up.
+//! - A container first seen CREATED does not wake kubelet's worker (kubelet
+//!   source); a sync that failed is retried 10 to 15 s later, and a pod in
+//!   crash-loop backoff restarts 14 to 17 s after the exit with a 10 s
+//!   backoff. Here both come at once (or at the backoff's expiry): the tests
+//!   see retries sooner, never in another order.
+//! - kubelet removes a container's older dead attempts while the pod runs,
+//!   and every container about 0.5 s after StopPodSandbox; garbage
+//!   collection removes the sandbox 5 to 60 s later, after a second
+//!   StopPodSandbox. Here nothing is removed but the sandbox, right away.
+//!   The shim forgets removed containers (`ContainerRemoved`; the
+//!   real-kubelet tests with restarted apps see kubelet remove them) and
+//!   takes repeated StopPodSandbox calls (`tests/repeat.rs`).
+//! - kubelet has two connections to the runtime (image and runtime
+//!   services), a node-wide relist, and periodic calls this does not make
+//!   (ListContainers filtered to RUNNING every 2 s, a log manager's
+//!   ContainerStatus every 10 s, stats). A state-filtered ListContainers is
+//!   answered with the shim's rewrites (README, Startup).
+//! - `delete(Some(ZERO))` sends a 2 s StopContainer timeout, as kubelet does
+//!   for `--grace-period=1`; `--grace-period=0 --force` makes kubelet use
+//!   the pod's own grace period.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
