@@ -35,6 +35,8 @@ struct World {
     all: Vec<(String, String, u32)>,
     answered: HashMap<CallId, usize>,
     actions: Vec<(Instant, Action)>,
+    /// The sidecars' preStop hook (kubelet's annotation), if any.
+    sidecar_pre_stop: Option<PreStop>,
 }
 
 impl World {
@@ -48,6 +50,7 @@ impl World {
             all: Vec::new(),
             answered: HashMap::new(),
             actions: Vec::new(),
+            sidecar_pre_stop: None,
         }
     }
 
@@ -80,10 +83,16 @@ impl World {
             container: id.clone(),
             name: name.into(),
             attempt,
-            pre_stop: None,
+            pre_stop: self.pre_stop_of(name),
             grace: Some(Duration::from_secs(30)),
         });
         id
+    }
+
+    fn pre_stop_of(&self, name: &str) -> Option<PreStop> {
+        self.sidecar_pre_stop
+            .clone()
+            .filter(|_| name.starts_with('s'))
     }
 
     fn call(&mut self) -> CallId {
@@ -150,7 +159,7 @@ impl World {
                     name: name.clone(),
                     attempt: *attempt,
                     state: state(id),
-                    pre_stop: None,
+                    pre_stop: self.pre_stop_of(name),
                     grace: Some(Duration::from_secs(30)),
                     regular: true,
                 })
@@ -758,6 +767,7 @@ fn kill_pod(
     sidecars_first: bool,
     running: &HashMap<String, bool>,
     calls: &mut Vec<CallId>,
+    pre_stops: &mut HashMap<CallId, String>,
     stops: &mut HashMap<CallId, (String, Instant, Duration)>,
     wishes: &mut HashMap<String, (Instant, Duration)>,
 ) -> Vec<Action> {
@@ -775,6 +785,17 @@ fn kill_pod(
         }
         let call = w.call();
         calls.push(call);
+        if w.pre_stop_of(&name_of(&id)).is_some() {
+            // An exec preStop hook first (ExecSync, timeout 0); kubelet's
+            // StopContainer follows once it returned (below).
+            pre_stops.insert(call, id.clone());
+            wish(wishes, &id, w.now, Duration::from_secs(30));
+            out.extend(w.feed(Event::PreStopCalled {
+                call,
+                container: id,
+            }));
+            continue;
+        }
         stops.insert(call, (id.clone(), w.now, Duration::from_secs(30)));
         wish(wishes, &id, w.now, Duration::from_secs(30));
         out.extend(w.feed(Event::StopCalled {
@@ -835,7 +856,7 @@ proptest! {
     /// else while a start is held) and goes on after a regular container
     /// ([`Event::PodWork`]), never after an init container.
     #[test]
-    fn invariants(random in proptest::collection::vec(step(), 1..60), restart in restart(), start_on_timeout in any::<bool>(), warm in any::<bool>(), with_init in any::<bool>(), sidecars_first in any::<bool>(), long_timeout in any::<bool>(), job in any::<bool>()) {
+    fn invariants(random in proptest::collection::vec(step(), 1..60), restart in restart(), start_on_timeout in any::<bool>(), warm in any::<bool>(), with_init in any::<bool>(), sidecars_first in any::<bool>(), long_timeout in any::<bool>(), job in any::<bool>(), pre_stop in any::<bool>()) {
         // Half the cases start from a pod that came up normally, so that
         // shutdown and Job completion are reached often. Some have an init
         // container: kubelet creates it first and creates nothing else until
@@ -893,6 +914,11 @@ proptest! {
         let mut refused: std::collections::HashSet<String> = Default::default();
         let mut fail_next_start = false;
         let mut stop_pod_calls: Vec<CallId> = Vec::new();
+        // kubelet's preStop hooks of sidecars: call → container.
+        let mut pre_stops: HashMap<CallId, String> = HashMap::new();
+        if pre_stop {
+            w.sidecar_pre_stop = Some(PreStop::Exec(vec!["drain".into()]));
+        }
         // The model's truth: which container ids really run, sidecar readiness.
         let mut running: HashMap<String, bool> = HashMap::new();
         let mut ready: HashMap<String, bool> = HashMap::new();
@@ -1120,7 +1146,7 @@ proptest! {
                     if deleting {
                         // kubelet's killPod failed with the connection: it
                         // tries again.
-                        out.extend(kill_pod(&mut w, sidecars_first, &running, &mut calls, &mut stops, &mut wishes));
+                        out.extend(kill_pod(&mut w, sidecars_first, &running, &mut calls, &mut pre_stops, &mut stops, &mut wishes));
                     }
                     out
                 }
@@ -1173,6 +1199,22 @@ proptest! {
                         let kind = if matches!(a, Action::Start(_)) { Land::ShimStart } else { Land::KubeletStart };
                         landing.push((kind, id));
                     }
+                    // A sidecar's preStop hook runs (held until the apps
+                    // exited, or its grace ran out); kubelet's StopContainer
+                    // of it follows at once.
+                    if let Action::Forward(c) = &a {
+                        if let Some(id) = pre_stops.get(c).cloned() {
+                            if running.get(&id).copied().unwrap_or(false) {
+                                let normal_running = running.iter().any(|(cid, r)| *r && !is_sidecar(&name_of(cid)) && !is_init(&name_of(cid)));
+                                let grace_out = wishes.get(&id).is_some_and(|(arrived, t)| w.now >= *arrived + *t + Duration::from_secs(1));
+                                prop_assert!(!normal_running || grace_out, "preStop of {id} ran while a normal container runs: {running:?}");
+                            }
+                            let call = w.call();
+                            calls.push(call);
+                            stops.insert(call, (id.clone(), w.now, Duration::from_secs(30)));
+                            queue.extend(w.feed(Event::StopCalled { call, container: id, timeout: Duration::from_secs(30), deadline: None }));
+                        }
+                    }
                     // StopPodSandbox reaches the runtime: what runs dies.
                     if let Action::Forward(c) = &a {
                         if stop_pod_calls.contains(c) {
@@ -1222,7 +1264,7 @@ proptest! {
                         running.insert(id.clone(), true);
                         queue.extend(w.feed(Event::StartDone { container: id, ok: true }));
                     }
-                    queue.extend(kill_pod(&mut w, sidecars_first, &running, &mut calls, &mut stops, &mut wishes));
+                    queue.extend(kill_pod(&mut w, sidecars_first, &running, &mut calls, &mut pre_stops, &mut stops, &mut wishes));
                     continue;
                 }
                 break;
