@@ -37,6 +37,9 @@ struct World {
     actions: Vec<(Instant, Action)>,
     /// The sidecars' preStop hook (kubelet's annotation), if any.
     sidecar_pre_stop: Option<PreStop>,
+    /// kubelet's deadline for its StartContainer calls (its
+    /// runtime-request-timeout), if the test gives one.
+    start_deadline: Option<Duration>,
 }
 
 impl World {
@@ -51,6 +54,7 @@ impl World {
             answered: HashMap::new(),
             actions: Vec::new(),
             sidecar_pre_stop: None,
+            start_deadline: None,
         }
     }
 
@@ -108,7 +112,7 @@ impl World {
             self.feed(Event::StartCalled {
                 call,
                 container: id,
-                deadline: None,
+                deadline: self.start_deadline.map(|d| self.now + d),
             }),
         )
     }
@@ -856,7 +860,7 @@ proptest! {
     /// else while a start is held) and goes on after a regular container
     /// ([`Event::PodWork`]), never after an init container.
     #[test]
-    fn invariants(random in proptest::collection::vec(step(), 1..60), restart in restart(), start_on_timeout in any::<bool>(), warm in any::<bool>(), with_init in any::<bool>(), sidecars_first in any::<bool>(), long_timeout in any::<bool>(), job in any::<bool>(), pre_stop in any::<bool>()) {
+    fn invariants(random in proptest::collection::vec(step(), 1..60), restart in restart(), start_on_timeout in any::<bool>(), warm in any::<bool>(), with_init in any::<bool>(), sidecars_first in any::<bool>(), long_timeout in any::<bool>(), job in any::<bool>(), pre_stop in any::<bool>(), short_deadline in any::<bool>()) {
         // Half the cases start from a pod that came up normally, so that
         // shutdown and Job completion are reached often. Some have an init
         // container: kubelet creates it first and creates nothing else until
@@ -877,7 +881,9 @@ proptest! {
             for i in 0..4 {
                 // (A start lands with the next step that lets time pass.)
                 steps.extend([Step::Create(i), Step::Start(i), Step::Advance(1)]);
-                if i < 2 {
+                // (With kubelet's short deadline the sidecars get ready
+                // only later, if at all: the apps' starts are held.)
+                if i < 2 && !short_deadline {
                     steps.push(Step::Ready(i));
                 }
             }
@@ -919,6 +925,12 @@ proptest! {
         if pre_stop {
             w.sidecar_pre_stop = Some(PreStop::Exec(vec!["drain".into()]));
         }
+        // A kubelet whose runtime-request-timeout (8 s) is shorter than the
+        // ready-timeout and the hold: its starts are answered before it.
+        if short_deadline {
+            w.start_deadline = Some(Duration::from_secs(8));
+        }
+        let mut start_sent: HashMap<CallId, Instant> = HashMap::new();
         // The model's truth: which container ids really run, sidecar readiness.
         let mut running: HashMap<String, bool> = HashMap::new();
         let mut ready: HashMap<String, bool> = HashMap::new();
@@ -972,6 +984,7 @@ proptest! {
                     let start_held = start_held(&w, &start_calls);
                     if running.contains_key(&id) || exited.contains(&id) || refused.contains(&id) || deleting || start_held { continue; }
                     let (call, mut out) = w.start(NAMES[i]);
+                    start_sent.insert(call, w.now);
                     calls.push(call);
                     start_calls.insert(call, id.clone());
                     running.insert(id.clone(), false);
@@ -1300,6 +1313,18 @@ proptest! {
             if init_done && normals.len() == 2 && normals.iter().all(|id| ended(id)) {
                 let left: Vec<&String> = running.iter().filter(|(id, r)| **r && is_sidecar(&name_of(id))).map(|(id, _)| id).collect();
                 prop_assert!(left.is_empty(), "normal containers ended, sidecars still run: {left:?}\n{:#?}", w.actions.iter().map(|(t, a)| format!("{:?} {:?}", t, a)).collect::<Vec<_>>());
+            }
+        }
+        // 8. A start is answered before kubelet's deadline for it.
+        if let Some(limit) = w.start_deadline {
+            for (c, sent) in &start_sent {
+                let answered = w.actions.iter().find_map(|(t, a)| match a {
+                    Action::Forward(x) | Action::Answer { call: x, .. } if x == c => Some(*t),
+                    _ => None,
+                }).or_else(|| failed_at.get(c).copied());
+                if let Some(t) = answered {
+                    prop_assert!(t <= *sent + limit, "start {c:?} answered {:?} after it was sent, past kubelet's {limit:?}", t - *sent);
+                }
             }
         }
         // 6. kubelet's kill did not wait for a held start beyond half the
