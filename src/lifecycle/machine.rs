@@ -400,8 +400,9 @@ struct Pod {
 
 #[derive(Debug)]
 enum Held {
-    /// Refused or started at `deadline` (the ready-timeout, or kubelet's
-    /// own deadline); answered and deferred at `defer_at`, if earlier.
+    /// Refused or started at `deadline` (the ready-timeout); answered and
+    /// deferred at `defer_at` (half the pod's grace period into its holds,
+    /// or just before kubelet's own deadline), if earlier.
     Start {
         container: ContainerId,
         since: Instant,
@@ -956,18 +957,20 @@ impl Machine {
                     };
                     self.note(out, &container, "start deferred", detail);
                 } else {
-                    let mut until = now + ready_timeout;
-                    if let Some(d) = deadline {
-                        until = until.min(d.checked_sub(self.settings.answer_margin).unwrap_or(d));
-                    }
                     let pod = self.pods.get_mut(&pod_id).expect("checked");
-                    let defer_at = *pod.hold_until.get_or_insert(now + pod.grace / 2);
+                    let mut defer_at = *pod.hold_until.get_or_insert(now + pod.grace / 2);
+                    // kubelet's own deadline: answered before it, as a
+                    // deferral too (the ready-timeout still decides).
+                    if let Some(d) = deadline {
+                        defer_at =
+                            defer_at.min(d.checked_sub(self.settings.answer_margin).unwrap_or(d));
+                    }
                     self.held.insert(
                         call,
                         Held::Start {
                             container: container.clone(),
                             since: now,
-                            deadline: until,
+                            deadline: now + ready_timeout,
                             defer_at,
                         },
                     );
@@ -1692,9 +1695,10 @@ impl Machine {
                         &id,
                         "held start deferred",
                         format!(
-                            "sidecar {} not ready after {:?}, half the pod's grace period: kubelet is \
-                             answered so that it can delete the pod; the container starts once its \
-                             sidecars are ready",
+                            "sidecar {} not ready after {:?} (the pod's holds took half its grace \
+                             period, or kubelet's deadline is near): kubelet is answered so that it \
+                             can go on (and delete the pod); the container starts once its sidecars \
+                             are ready",
                             self.waiting_for(&id),
                             now - since
                         ),
