@@ -162,13 +162,9 @@ fn startup_the_app_reaches_its_sidecar_on_the_first_try() -> Result<()> {
         })?;
         let app = rt.one("app")?;
         rt.one("proxy")?;
-        let listen = records
-            .first("proxy", "listen")
-            .context("no proxy listen record")?;
+        let listen = records.at("proxy", "listen")?;
         let app_started = up(app.started).context("containerd: the app has no started_at")?;
-        let app_first = records
-            .first("app", "start")
-            .context("no app start record")?;
+        let app_first = records.at("app", "start")?;
         check(&shim, app_started >= listen && app_first >= listen, || {
             format!(
                 "pod {name}: the app started before the proxy listened (containerd started_at \
@@ -268,15 +264,9 @@ fn startup_the_app_waits_out_a_slow_pull_of_its_sidecars_image() -> Result<()> {
     let rt_pod = cluster.runtime_pod(pod_uid(&pod))?;
     let app_created =
         up(rt_pod.one("app")?.created).context("containerd: the app has no created_at")?;
-    let proxy_start = records
-        .first("proxy", "start")
-        .context("no proxy start record")?;
-    let listen = records
-        .first("proxy", "listen")
-        .context("no proxy listen record")?;
-    let app_first = records
-        .first("app", "start")
-        .context("no app start record")?;
+    let proxy_start = records.at("proxy", "start")?;
+    let listen = records.at("proxy", "listen")?;
+    let app_first = records.at("app", "start")?;
     let waited = proxy_start - app_created;
     check(
         &cluster,
@@ -409,9 +399,7 @@ fn job_completes_and_fails_with_its_sidecar() -> Result<()> {
         },
     )?;
     let records = shim.records(pod_uid(&pod));
-    let main_exit = records
-        .first("main", "exit")
-        .context("no main exit record")?;
+    let main_exit = records.at("main", "exit")?;
     let proxy_term = records.first("proxy", "sigterm");
     check(&shim, proxy_term.is_some_and(|t| t >= main_exit), || {
         format!("the proxy did not get SIGTERM after main exited:\n{records}")
@@ -554,13 +542,9 @@ fn deletion_the_sidecar_outlives_the_app() -> Result<()> {
     check(&shim, proxy_log.contains("url:/last-message"), || {
         format!("the proxy's request log lacks the last message:\n{proxy_log}")
     })?;
-    let app_exit = records.first("app", "exit").context("no app exit record")?;
-    let prestop = records
-        .first("proxy", "prestop")
-        .context("no proxy prestop record")?;
-    let term = records
-        .first("proxy", "sigterm")
-        .context("no proxy sigterm record")?;
+    let app_exit = records.at("app", "exit")?;
+    let prestop = records.at("proxy", "prestop")?;
+    let term = records.at("proxy", "sigterm")?;
     let (app_finished, proxy_finished) =
         match (shim_finished.get("app"), shim_finished.get("proxy")) {
             (Some(a), Some(p)) => (*a, *p),
@@ -715,12 +699,8 @@ fn deferred_app_killed_by_its_probe_starts_once_its_sidecar_is_ready() -> Result
     let (_, records) = wait_pod(&cluster, "probed-app", "the app connected", |_, r| {
         Ok(r.count("app", "connected") > 0)
     })?;
-    let listen = records
-        .first("proxy", "listen")
-        .context("no proxy listen record")?;
-    let app_first = records
-        .first("app", "start")
-        .context("no app start record")?;
+    let listen = records.at("proxy", "listen")?;
+    let app_first = records.at("app", "start")?;
     let rt = cluster.runtime_pod(&uid)?;
     let ran: Vec<u32> = rt
         .named("app")
@@ -1003,9 +983,7 @@ fn native_sidecar_next_to_an_annotated_one() -> Result<()> {
         };
         let (native_first, mesh_first, app_first) =
             (first("native")?, first("mesh")?, first("app")?);
-        let listen = records
-            .first("mesh", "listen")
-            .context("no mesh listen record")?;
+        let listen = records.at("mesh", "listen")?;
         check(&cluster, app_first >= listen, || {
             format!("pod {name}: the app started before mesh listened:\n{records}")
         })?;
@@ -1034,9 +1012,7 @@ fn native_sidecar_next_to_an_annotated_one() -> Result<()> {
         let finished = watch_deletion(&cluster, name, uid)?;
         let gone = uptime_now() - deleted;
         let records = cluster.records(uid);
-        let mesh_term = records
-            .first("mesh", "sigterm")
-            .context("no mesh sigterm record")?;
+        let mesh_term = records.at("mesh", "sigterm")?;
         // containerd's finish time is exact, the record truncated to 10 ms.
         let app_finished = finished.get("app").copied().unwrap_or(f64::MAX);
         check(

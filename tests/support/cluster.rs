@@ -837,6 +837,13 @@ impl Records {
             .map(|r| r.at)
     }
 
+    /// When `container` first wrote `event`, or an error saying it never
+    /// did.
+    pub fn at(&self, container: &str, event: &str) -> anyhow::Result<f64> {
+        self.first(container, event)
+            .ok_or_else(|| anyhow::anyhow!("no {container} {event} record"))
+    }
+
     /// How many times `container` wrote `event`.
     pub fn count(&self, container: &str, event: &str) -> usize {
         self.of(container)

@@ -179,6 +179,19 @@ impl World {
         })
     }
 
+    /// Create and start each container in turn, as kubelet does, its start
+    /// landing; a sidecar gets ready.
+    fn bring_up(&mut self, names: &[&str]) {
+        for name in names {
+            self.create(name);
+            self.start(name);
+            self.started(name);
+            if self.spec.sidecars.iter().any(|s| s == name) {
+                self.ready(name);
+            }
+        }
+    }
+
     fn ready(&mut self, name: &str) -> Vec<Action> {
         let id = self.ids[name].clone();
         self.feed(Event::Ready { container: id })
@@ -532,13 +545,7 @@ fn a_sidecar_whose_start_is_on_its_way_is_stopped_once_it_has_landed() {
         Restart::Explicit(RestartPolicy::OnFailure),
         OnReadyTimeout::Fail,
     ));
-    w.create("proxy");
-    w.start("proxy");
-    w.started("proxy");
-    w.ready("proxy");
-    w.create("app");
-    w.start("app");
-    w.started("app");
+    w.bring_up(&["proxy", "app"]);
     w.exited("proxy", 1);
     let proxy = w.create("proxy");
     w.start("proxy");
@@ -600,15 +607,8 @@ fn a_job_whose_app_was_killed_alone_completes() {
         Restart::Explicit(RestartPolicy::Never),
         OnReadyTimeout::Fail,
     ));
-    let proxy = w.create("proxy");
-    w.start("proxy");
-    w.started("proxy");
-    w.ready("proxy");
-    for app in ["app", "worker"] {
-        w.create(app);
-        w.start(app);
-        w.started(app);
-    }
+    w.bring_up(&["proxy", "app", "worker"]);
+    let proxy = w.ids["proxy"].clone();
     w.advance(Duration::from_secs(3));
     let (call, out) = w.stop("app", Duration::from_secs(30));
     assert!(forwarded(&out, call), "{out:?}");
@@ -1504,13 +1504,7 @@ fn an_app_restarted_while_its_sidecar_backs_off_is_no_init_container() {
         Restart::Explicit(RestartPolicy::Always),
         OnReadyTimeout::Fail,
     ));
-    w.create("proxy");
-    w.start("proxy");
-    w.started("proxy");
-    w.ready("proxy");
-    w.create("app");
-    w.start("app");
-    w.started("app");
+    w.bring_up(&["proxy", "app"]);
     w.exited("proxy", 1);
     w.exited("app", 1);
     let app = w.create("app");
