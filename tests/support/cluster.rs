@@ -587,6 +587,18 @@ impl Cluster {
         kill_races(&kubelet, &containerd)
     }
 
+    /// kubelet's ContainerStatus calls that failed NotFound, per container:
+    /// (id, how many, whether containerd's log has kubelet's removal of it
+    /// succeeding). kubelet reads the containers it has just removed once or
+    /// twice more (its PLEG and its removal's own lookups), with or without
+    /// the shim; a container the shim kept listing after its removal would
+    /// be read again every relist.
+    pub fn reads_after_removal(&self) -> Vec<(String, usize, bool)> {
+        let kubelet = fs::read_to_string(self.log_path("kubelet")).unwrap_or_default();
+        let containerd = fs::read_to_string(self.log_path("containerd")).unwrap_or_default();
+        reads_after_removal(&kubelet, &containerd)
+    }
+
     /// The length of kubelet's log now, for [`Cluster::kubelet_cri_errors_since`].
     pub fn kubelet_log_len(&self) -> u64 {
         fs::metadata(self.log_path("kubelet")).map_or(0, |m| m.len())
@@ -636,6 +648,29 @@ pub fn kill_races(kubelet_log: &str, containerd_log: &str) -> Vec<(String, bool)
         out.push((id.to_string(), raced));
     }
     out
+}
+
+/// See [`Cluster::reads_after_removal`].
+pub fn reads_after_removal(kubelet_log: &str, containerd_log: &str) -> Vec<(String, usize, bool)> {
+    let mut reads: BTreeMap<&str, usize> = BTreeMap::new();
+    let failed = kubelet_log.lines().filter(|l| {
+        l.contains("\"ContainerStatus from runtime service failed\"")
+            && l.contains("code = NotFound")
+    });
+    for line in failed {
+        if let Some((_, rest)) = line.rsplit_once("containerID=\"") {
+            *reads
+                .entry(rest.split('"').next().unwrap_or_default())
+                .or_default() += 1;
+        }
+    }
+    reads
+        .into_iter()
+        .map(|(id, n)| {
+            let done = format!("msg=\"RemoveContainer for \\\"{id}\\\" returns successfully\"");
+            (id.to_string(), n, containerd_log.contains(&done))
+        })
+        .collect()
 }
 
 /// A containerd log line's `time="2026-12-06T06:39:28.521089880Z"` in

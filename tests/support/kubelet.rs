@@ -1395,25 +1395,38 @@ impl PodState {
         let timeout = grace.max(MIN_GRACE_SECS);
         let mut rt = self.kubelet.rt.clone();
         let sent = Instant::now();
-        let (_, res) = self
-            .cri(
-                Rec::new("StopContainer", origin)
-                    .container(name)
-                    .id(id)
-                    .timeout(timeout),
-                rt.stop_container(request(
-                    StopContainerRequest {
-                        container_id: id.to_string(),
-                        timeout,
-                    },
-                    // kubelet: the request timeout plus the stop timeout.
-                    Some(
-                        self.kubelet.config.runtime_request_timeout
-                            + Duration::from_secs(timeout.unsigned_abs()),
-                    ),
-                )),
-            )
-            .await;
+        let mut sends = 0;
+        let res = loop {
+            let (_, res) = self
+                .cri(
+                    Rec::new("StopContainer", origin)
+                        .container(name)
+                        .id(id)
+                        .timeout(timeout),
+                    rt.stop_container(request(
+                        StopContainerRequest {
+                            container_id: id.to_string(),
+                            timeout,
+                        },
+                        // kubelet: the request timeout plus the stop timeout.
+                        Some(
+                            self.kubelet.config.runtime_request_timeout
+                                + Duration::from_secs(timeout.unsigned_abs()),
+                        ),
+                    )),
+                )
+                .await;
+            sends += 1;
+            // grpc-go resends at once, on a new connection, a call the
+            // server refused unprocessed: a stream above the last-stream-id
+            // of the GOAWAY that drained the connection (transparent retry;
+            // kubelet's StopContainer went out again 0 ms later when
+            // containerd restarted under it through the shim).
+            match &res {
+                Err(status) if sends == 1 && refused_unprocessed(status) => continue,
+                _ => break res,
+            }
+        };
         StopTiming {
             container: name.to_string(),
             id: id.to_string(),
@@ -1806,6 +1819,20 @@ async fn worker_loop(st: Arc<PodState>, first: tokio::sync::OwnedMutexGuard<()>)
         }
         next_resync = Instant::now() + cfg.resync_period;
     }
+}
+
+/// Whether a call failed because the server refused its stream unprocessed
+/// (h2: a stream above a GOAWAY's last-stream-id, or REFUSED_STREAM), which
+/// grpc-go retries transparently.
+fn refused_unprocessed(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// kubelet's PLEG state of a container: CREATED counts as unknown (kubelet
