@@ -1821,7 +1821,8 @@ fn many_pods_without_failed_cri_calls() -> Result<()> {
          through the shim; the shim's log has {resends} calls sent again\n\
          StopContainer failing on a SIGKILL that met the container's exit (containerd's log): \
          {kills:?}\n\
-         NotFound reads of removed containers (id, reads, removed by kubelet): {reads:?}\n",
+         NotFound reads of containers: {} containers, read at most {} times each, {} of them \
+         not removed by kubelet\n",
         took[0],
         took[1],
         pings.0,
@@ -1830,6 +1831,9 @@ fn many_pods_without_failed_cri_calls() -> Result<()> {
         show(&d),
         removals.0,
         removals.1,
+        reads.len(),
+        reads.iter().map(|(_, n, _)| *n).max().unwrap_or(0),
+        reads.iter().filter(|(_, _, removed)| !removed).count(),
     );
     if pings.0 > 0 || !only_shim.is_empty() || resent || (raced > 0 && resends > 0) {
         return Err(shim.fail(&format!("{report}only through the shim: {only_shim:?}")));
