@@ -1159,11 +1159,11 @@ async fn response_headers_and_trailers_are_identical() -> Result<()> {
 /// context expires it tries to kill the exec with that same expired context
 /// and answers UNKNOWN "failed to exec in container: failed to kill exec
 /// \"ID\": context deadline exceeded: unknown". Either code is accepted as
-/// long as the message says the deadline was exceeded. containerd 1.7 and
-/// 2.x (newer grpc-go) answer no status at all: at the deadline the server
-/// resets the stream (RST_STREAM CANCEL), leaving the status to the
-/// client's own timer. The answer through the shim must equal the direct
-/// one (exec ids aside).
+/// long as the message says the deadline was exceeded (1.7 answers either,
+/// by timing). containerd 2.x (newer grpc-go) may answer no status at all:
+/// at the deadline the server resets the stream (RST_STREAM CANCEL),
+/// leaving the status to the client's own timer. The answer through the
+/// shim must be of the same kind as the direct one.
 #[tokio::test]
 async fn grpc_timeout_reaches_containerd() -> Result<()> {
     let (containerd, shim) = containerd_and_shim(&[]).await?;
@@ -1226,7 +1226,20 @@ async fn grpc_timeout_reaches_containerd() -> Result<()> {
         );
         answers.push(answer);
     }
-    assert_eq!(answers[1], answers[0], "through the shim vs directly");
+    // Which of containerd's two deadline statuses comes is timing (1.7
+    // answered DEADLINE_EXCEEDED directly and UNKNOWN "failed to kill exec"
+    // through the shim in one CI run); a reset must be a reset both ways.
+    let kind = |a: &str| match a.starts_with("RST_STREAM") {
+        true => a.to_string(),
+        false => "a deadline status".to_string(),
+    };
+    assert_eq!(
+        kind(&answers[1]),
+        kind(&answers[0]),
+        "through the shim ({}) vs directly ({})",
+        answers[1],
+        answers[0]
+    );
     logs.passed()
 }
 
