@@ -1246,14 +1246,7 @@ async fn grpc_timeout_reaches_containerd() -> Result<()> {
 /// The reason of the RST_STREAM the server ended the call with, if that is
 /// how it ended (rather than with a status).
 fn reset_by_server(status: &Status) -> Option<h2::Reason> {
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        if let Some(e) = e.downcast_ref::<h2::Error>() {
-            return e.is_remote().then(|| e.reason()).flatten();
-        }
-        source = e.source();
-    }
-    None
+    support::h2_error(status).and_then(|e| e.is_remote().then(|| e.reason()).flatten())
 }
 
 /// `text` with every run of 64 hex digits (container, exec ids) replaced.

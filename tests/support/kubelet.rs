@@ -1825,14 +1825,8 @@ async fn worker_loop(st: Arc<PodState>, first: tokio::sync::OwnedMutexGuard<()>)
 /// (h2: a stream above a GOAWAY's last-stream-id, or REFUSED_STREAM), which
 /// grpc-go retries transparently.
 fn refused_unprocessed(status: &tonic::Status) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        source = e.source();
-    }
-    false
+    super::h2_error(status)
+        .is_some_and(|e| e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM))
 }
 
 /// kubelet's PLEG state of a container: CREATED counts as unknown (kubelet

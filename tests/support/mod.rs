@@ -1079,6 +1079,19 @@ pub async fn container_status(
         .context("ContainerStatus without status")
 }
 
+/// The h2 error a call ended with, if it ended with one (tonic keeps it
+/// among the status's sources).
+pub fn h2_error(status: &tonic::Status) -> Option<&h2::Error> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return Some(h2);
+        }
+        source = e.source();
+    }
+    None
+}
+
 /// A status's state (UNKNOWN for a value this build does not know).
 pub fn state_of(s: &k8s_cri::v1::ContainerStatus) -> ContainerState {
     ContainerState::try_from(s.state).unwrap_or(ContainerState::ContainerUnknown)
