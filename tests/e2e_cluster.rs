@@ -646,17 +646,6 @@ fn deletion_during_a_held_start_ends_within_the_grace_period() -> Result<()> {
 #[test]
 fn deferred_app_killed_by_its_probe_starts_once_its_sidecar_is_ready() -> Result<()> {
     let cluster = Cluster::up(Mode::Shim)?;
-    let touch = |file: &str| {
-        cluster.wait_for(
-            START_TIMEOUT,
-            "kubectl exec into probed-app's proxy",
-            || {
-                Ok(cluster
-                    .kubectl(&["exec", "probed-app", "-c", "proxy", "--", "touch", file])
-                    .ok())
-            },
-        )
-    };
     cluster.apply_file(&manifest("probed-app.yaml"))?;
     let (pod, _) = wait_pod(
         &cluster,
@@ -668,7 +657,7 @@ fn deferred_app_killed_by_its_probe_starts_once_its_sidecar_is_ready() -> Result
         },
     )?;
     let uid = pod_uid(&pod).to_owned();
-    touch("/tmp/up")?;
+    touch_in(&cluster, "probed-app", "proxy", "/tmp/up")?;
     // Once the probe passes, kubelet kills no more: the attempt then waiting
     // in containerd (its hold over, deferred) is the one to start.
     let mut last: (i64, Instant) = (-1, Instant::now());
@@ -695,7 +684,7 @@ fn deferred_app_killed_by_its_probe_starts_once_its_sidecar_is_ready() -> Result
             Ok(waiting.map(|c| c.attempt))
         },
     )?;
-    touch("/tmp/go")?;
+    touch_in(&cluster, "probed-app", "proxy", "/tmp/go")?;
     let (_, records) = wait_pod(&cluster, "probed-app", "the app connected", |_, r| {
         Ok(r.count("app", "connected") > 0)
     })?;
@@ -976,11 +965,7 @@ fn native_sidecar_next_to_an_annotated_one() -> Result<()> {
                 )
             })?;
         }
-        let first = |c: &str| {
-            records
-                .first(c, "start")
-                .with_context(|| format!("no {c} start record"))
-        };
+        let first = |c: &str| records.at(c, "start");
         let (native_first, mesh_first, app_first) =
             (first("native")?, first("mesh")?, first("app")?);
         let listen = records.at("mesh", "listen")?;
@@ -1230,23 +1215,20 @@ fn snapshot(cluster: &Cluster) -> Result<Before> {
     Ok(before)
 }
 
-/// Lets `deferred-app`'s proxy get ready (`kubectl exec ... touch
-/// /tmp/go`: through kubelet and the runtime, retried until both serve).
+/// Lets `deferred-app`'s proxy get ready.
 fn let_deferred_proxy_get_ready(cluster: &Cluster) -> Result<()> {
+    touch_in(cluster, "deferred-app", "proxy", "/tmp/go")
+}
+
+/// Creates `file` in a container of a pod (`kubectl exec ... touch`: through
+/// kubelet and the runtime, retried until both serve).
+fn touch_in(cluster: &Cluster, pod: &str, container: &str, file: &str) -> Result<()> {
     cluster.wait_for(
         START_TIMEOUT,
-        "kubectl exec into deferred-app's proxy",
+        &format!("kubectl exec into {pod}'s {container}"),
         || {
             Ok(cluster
-                .kubectl(&[
-                    "exec",
-                    "deferred-app",
-                    "-c",
-                    "proxy",
-                    "--",
-                    "touch",
-                    "/tmp/go",
-                ])
+                .kubectl(&["exec", pod, "-c", container, "--", "touch", file])
                 .ok())
         },
     )?;

@@ -582,8 +582,7 @@ impl Cluster {
     /// container", sent when the stop's timeout ran out): the container
     /// exited just as containerd killed it, and the kill found its shim gone.
     pub fn kill_races(&self) -> Vec<(String, bool)> {
-        let kubelet = fs::read_to_string(self.log_path("kubelet")).unwrap_or_default();
-        let containerd = fs::read_to_string(self.log_path("containerd")).unwrap_or_default();
+        let (kubelet, containerd) = self.kubelet_and_containerd_logs();
         kill_races(&kubelet, &containerd)
     }
 
@@ -594,9 +593,13 @@ impl Cluster {
     /// the shim; a container the shim kept listing after its removal would
     /// be read again every relist.
     pub fn reads_after_removal(&self) -> Vec<(String, usize, bool)> {
-        let kubelet = fs::read_to_string(self.log_path("kubelet")).unwrap_or_default();
-        let containerd = fs::read_to_string(self.log_path("containerd")).unwrap_or_default();
+        let (kubelet, containerd) = self.kubelet_and_containerd_logs();
         reads_after_removal(&kubelet, &containerd)
+    }
+
+    fn kubelet_and_containerd_logs(&self) -> (String, String) {
+        let read = |c: &str| fs::read_to_string(self.log_path(c)).unwrap_or_default();
+        (read("kubelet"), read("containerd"))
     }
 
     /// The length of kubelet's log now, for [`Cluster::kubelet_cri_errors_since`].
