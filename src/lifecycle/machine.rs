@@ -17,11 +17,12 @@
 //!   Both are bounded by the pod's ready-timeout; then `on-ready-timeout`
 //!   decides: `start` starts anyway, `fail` answers with an error naming the
 //!   sidecar and the container reads as exited (128, SidecarNotReady).
-//!   A hold is also bounded by half the pod's grace period, counted from the
-//!   pod's first held start: kubelet does not cancel a StartContainer when
-//!   the pod is deleted, and the deletion waits for it, so after that the
-//!   start is answered and deferred instead (and later ones in the pod are
-//!   deferred at once) until the sidecars are ready.
+//!   A hold also ends, answered and deferred instead until the sidecars are
+//!   ready, just before kubelet's own deadline for the call, and after half
+//!   the pod's grace period counted from the first held start of the pod's
+//!   containers waiting at the time (later ones in that wait are deferred
+//!   at once): kubelet does not cancel a StartContainer when the pod is
+//!   deleted, and the deletion waits for it.
 //! * Job pods: once every normal container is terminal, the shim stops the
 //!   sidecars in reverse order, and reports them exited 0 (Completed).
 //! * Shutdown: a sidecar's StopContainer (and its exec preStop hook) waits
@@ -1663,7 +1664,7 @@ impl Machine {
             })
             .collect();
         held.sort();
-        let ready_timeout = self.pods[pod_id].spec.ready_timeout;
+        let calls: Vec<CallId> = held.iter().map(|h| h.0).collect();
         for (call, id, since, deadline, defer_at) in held {
             if !self.held.contains_key(&call) {
                 continue;
@@ -1689,7 +1690,7 @@ impl Machine {
                     .get(&id)
                     .is_some_and(|c| matches!(c.state, State::Deferred { .. }));
                 if !deferred {
-                    self.defer(now, call, &id, since + ready_timeout, out);
+                    self.defer(now, call, &id, deadline, out);
                     self.note(
                         out,
                         &id,
@@ -1745,13 +1746,14 @@ impl Machine {
             }
         }
         // Nothing in the pod waits for its sidecars: a later hold (a
-        // restart) gets its own time.
-        let waiting = self.held.values().any(|h| {
-            matches!(h, Held::Start { container, .. }
-                if self.containers.get(container).is_some_and(|c| c.pod == pod_id))
-        }) || self
-            .pod_containers(pod_id)
-            .any(|c| matches!(c.state, State::Deferred { .. }));
+        // restart) gets its own time. (No start is held here anew: the
+        // pod's held starts are among those just gone through.)
+        let waiting = calls
+            .iter()
+            .any(|c| matches!(self.held.get(c), Some(Held::Start { .. })))
+            || self
+                .pod_containers(pod_id)
+                .any(|c| matches!(c.state, State::Deferred { .. }));
         if !waiting {
             if let Some(p) = self.pods.get_mut(pod_id) {
                 p.hold_until = None;
