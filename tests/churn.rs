@@ -69,8 +69,6 @@ fn memory(pid: u32) -> Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// One pod's whole lifecycle through the shim (`shim`), checked against
-/// containerd (`direct`).
 /// containerd's status of `id` once it reads as exited.
 async fn exited(
     direct: &RuntimeServiceClient<Channel>,
@@ -84,6 +82,8 @@ async fn exited(
     .await
 }
 
+/// One pod's whole lifecycle through the shim (`shim`), checked against
+/// containerd (`direct`).
 async fn one_pod(
     i: usize,
     mut shim: RuntimeServiceClient<Channel>,
