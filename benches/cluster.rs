@@ -447,6 +447,18 @@ fn main() -> Result<()> {
         1000.0,
         "ms",
     );
+    // containerd's finished_at of both: the sidecar's SIGTERM came before
+    // its own exit, so this bounds exit -> SIGTERM from above.
+    let sidecar_exited: BTreeMap<&str, Vec<f64>> = kinds
+        .iter()
+        .map(|&k| (k, job_parts[k].iter().map(|p| p[0]).collect()))
+        .collect();
+    row(
+        "last main container exit -> sidecar exited (containerd's finished_at)",
+        &sidecar_exited,
+        1000.0,
+        "ms",
+    );
     row("pod deletion -> pod gone", &gone, 1000.0, "ms");
     println!();
     println!(

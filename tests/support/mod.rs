@@ -942,12 +942,7 @@ pub fn pod_sandbox_config_in(name: &str, namespace: &str, log_root: &Path) -> Po
         annotations: HashMap::new(),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: k8s_cri::v1::NamespaceMode::Pod as i32,
-                    pid: k8s_cri::v1::NamespaceMode::Container as i32,
-                    ipc: k8s_cri::v1::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(kubelet_namespaces()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -956,9 +951,24 @@ pub fn pod_sandbox_config_in(name: &str, namespace: &str, log_root: &Path) -> Po
     }
 }
 
+/// The namespaces kubelet asks for, for a pod and each of its containers,
+/// when the pod sets none of `hostNetwork`, `hostPID`, `hostIPC` and
+/// `shareProcessNamespace`: the pod's network and IPC, a PID namespace per
+/// container.
+pub fn kubelet_namespaces() -> NamespaceOption {
+    NamespaceOption {
+        network: k8s_cri::v1::NamespaceMode::Pod as i32,
+        pid: k8s_cri::v1::NamespaceMode::Container as i32,
+        ipc: k8s_cri::v1::NamespaceMode::Pod as i32,
+        ..Default::default()
+    }
+}
+
 /// A container config for the busybox test image running `command` (empty:
 /// the image's `sh`), logging to `<name>/0.log` in the pod's log directory,
-/// with kubelet's container-name label.
+/// with kubelet's container-name label. It names no namespaces, so
+/// containerd puts it in the pod's PID namespace (as kubelet asks only for
+/// a pod with `shareProcessNamespace`; see [`kubelet_namespaces`]).
 pub fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
     ContainerConfig {
         metadata: Some(ContainerMetadata {
