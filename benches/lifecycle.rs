@@ -59,14 +59,14 @@ async fn startup(kubelet: &Kubelet, dir: &Path, i: usize) -> anyhow::Result<f64>
         .container(
             ContainerDef::new(
                 "proxy",
-                sh("sleep 0.3; cat /proc/uptime > /shared/ready; exec nc -ll -p 8080 -e true"),
+                sh("trap 'exit 0' TERM; sleep 0.3; cat /proc/uptime > /shared/ready; nc -ll -p 8080 -e true & wait"),
             )
             .mount(&shared, "/shared"),
         )
         .container(
             ContainerDef::new(
                 "app",
-                sh("cat /proc/uptime > /shared/start; exec sleep 1000"),
+                sh("trap 'exit 0' TERM; cat /proc/uptime > /shared/start; sleep 1000 & wait"),
             )
             .mount(&shared, "/shared"),
         );
@@ -86,7 +86,7 @@ async fn runtime_start(kubelet: &Kubelet, dir: &Path, i: usize) -> anyhow::Resul
     let pod = PodDef::new(&format!("base-{i}")).container(
         ContainerDef::new(
             "app",
-            sh("cat /proc/uptime > /shared/start; exec sleep 1000"),
+            sh("trap 'exit 0' TERM; cat /proc/uptime > /shared/start; sleep 1000 & wait"),
         )
         .mount(&shared, "/shared"),
     );
@@ -155,6 +155,10 @@ async fn wait_clock_file(path: &Path) -> anyhow::Result<f64> {
     .await
 }
 
+/// A container that sleeps and ends on SIGTERM (its shell is PID 1 of its
+/// own PID namespace: without a trap it would ignore the signal).
+const SLEEPER: &str = "trap 'exit 0' TERM; sleep 1000 & wait";
+
 /// `n` Job pods whose main sleeps: the containers the shim waits on.
 /// Returns their handles and the main containers' ids.
 async fn idle_pods(
@@ -168,8 +172,8 @@ async fn idle_pods(
         let pod = PodDef::job(&format!("{prefix}-{i}"))
             .restart_policy(RestartPolicy::Never)
             .annotation("sidecar-shim.io/sidecars", "proxy")
-            .container(ContainerDef::new("proxy", sh("sleep 1000 & wait")))
-            .container(ContainerDef::new("main", sh("sleep 1000 & wait")));
+            .container(ContainerDef::new("proxy", sh(SLEEPER)))
+            .container(ContainerDef::new("main", sh(SLEEPER)));
         handles.push(kubelet.run_pod(pod).await?);
     }
     let mut mains = Vec::new();
@@ -334,9 +338,11 @@ fn main() -> anyhow::Result<()> {
                 println!(
                     "idle, {idle} Job pods running, {name}: {rate:.1} ContainerStatus calls/s to containerd for the containers the shim waits on"
                 );
+                let mut deletions = tokio::task::JoinSet::new();
                 for h in handles {
-                    h.delete(Some(Duration::from_secs(2))).await.ok();
+                    deletions.spawn(async move { h.delete(Some(Duration::from_secs(2))).await.ok() });
                 }
+                while deletions.join_next().await.is_some() {}
             }
         }
         drop(shim);
