@@ -33,20 +33,23 @@ use std::time::Duration;
 use support::kubelet::{ContainerDef, Kubelet, KubeletConfig, PodDef, RestartPolicy};
 use support::*;
 
-fn read_uptime(path: &Path) -> Option<f64> {
-    kubelet::parse_uptime(&std::fs::read_to_string(path).ok()?)
-}
-
-async fn wait_file(path: &Path) -> anyhow::Result<f64> {
+/// Wait until the file at `path` holds a time `parse` reads (seconds).
+async fn wait_time(path: &Path, parse: fn(&str) -> Option<f64>) -> anyhow::Result<f64> {
     wait_for_value(
         Duration::from_secs(60),
         &format!("{}", path.display()),
         || {
             let p = path.to_path_buf();
-            async move { Ok(read_uptime(&p)) }
+            async move { Ok(std::fs::read_to_string(&p).ok().and_then(|t| parse(&t))) }
         },
     )
     .await
+}
+
+/// A time a container wrote with `echo $EPOCHREALTIME`, once the whole
+/// line is there.
+fn epoch_realtime(text: &str) -> Option<f64> {
+    text.strip_suffix('\n')?.trim().parse().ok()
 }
 
 /// One pod: [sidecar, app]; the sidecar opens its port ~0.3 s after start.
@@ -71,8 +74,8 @@ async fn startup(kubelet: &Kubelet, dir: &Path, i: usize) -> anyhow::Result<f64>
             .mount(&shared, "/shared"),
         );
     let handle = kubelet.run_pod(pod).await?;
-    let start = wait_file(&shared.join("start")).await?;
-    let ready = wait_file(&shared.join("ready")).await?;
+    let start = wait_time(&shared.join("start"), kubelet::parse_uptime).await?;
+    let ready = wait_time(&shared.join("ready"), kubelet::parse_uptime).await?;
     handle.delete(Some(Duration::from_secs(2))).await?;
     Ok(start - ready)
 }
@@ -91,7 +94,7 @@ async fn runtime_start(kubelet: &Kubelet, dir: &Path, i: usize) -> anyhow::Resul
         .mount(&shared, "/shared"),
     );
     let handle = kubelet.run_pod(pod).await?;
-    let start = wait_file(&shared.join("start")).await?;
+    let start = wait_time(&shared.join("start"), kubelet::parse_uptime).await?;
     let sent = handle
         .first_call("StartContainer", Some("app"))
         .ok_or_else(|| anyhow::anyhow!("no StartContainer recorded"))?
@@ -132,27 +135,10 @@ async fn job(kubelet: &Kubelet, dir: &Path, i: usize, exit_after: f64) -> anyhow
             .mount(&shared, "/shared"),
         );
     let handle = kubelet.run_pod(pod).await?;
-    let term = wait_clock_file(&shared.join("term")).await?;
-    let exit = wait_clock_file(&shared.join("exit")).await?;
+    let term = wait_time(&shared.join("term"), epoch_realtime).await?;
+    let exit = wait_time(&shared.join("exit"), epoch_realtime).await?;
     handle.delete(Some(Duration::from_secs(2))).await.ok();
     Ok(term - exit)
-}
-
-/// The time a container wrote with `echo $EPOCHREALTIME` (seconds), once
-/// the whole line is there.
-async fn wait_clock_file(path: &Path) -> anyhow::Result<f64> {
-    wait_for_value(
-        Duration::from_secs(60),
-        &format!("{}", path.display()),
-        || {
-            let p = path.to_path_buf();
-            async move {
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                Ok(text.strip_suffix('\n').and_then(|t| t.trim().parse().ok()))
-            }
-        },
-    )
-    .await
 }
 
 /// A container that sleeps and ends on SIGTERM (its shell is PID 1 of its
