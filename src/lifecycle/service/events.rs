@@ -9,10 +9,13 @@
 //! ([`super::watch_loop`]). The runtime sends its first response headers
 //! only with its first event, so a subscription that has not failed within
 //! [`SETTLE`] is taken as established; then every watched container is read
-//! once, so that an exit between the last poll and the subscription is not
+//! at once and polled for [`CATCH_UP`] more, so that an exit between the
+//! last poll and the subscription's registration in the runtime is not
 //! missed. When the stream breaks, polling takes over again at once and the
-//! subscription is made again with backoff (and read once more when it is
-//! back).
+//! subscription is made again with backoff (and caught up with again when
+//! it is back). Its ContainerStopped events are acted on also while
+//! containerd's task exits bring exits: each stream may come up before the
+//! other, and an exit is recorded once.
 //!
 //! Clients that subscribe through the shim (kubelet with the `EventedPLEG`
 //! gate) get the same events from that one subscription, with the container
@@ -31,7 +34,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use k8s_cri::v1 as cri;
@@ -53,6 +56,14 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// to one of its subscribers: a client subscribed to containerd directly
 /// takes some away from the shim).
 const SPLIT_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long exits are still polled after a subscription came up. It is
+/// taken as established after [`SETTLE`] without an error, but containerd
+/// may register it later than that on a loaded node (seen: no task exit
+/// event came for exits 400 ms after the request), and an exit before that
+/// comes on no stream. The CRI shows such an exit only once containerd has
+/// deleted the task (100-200 ms later), so a single read as the
+/// subscription comes up can still find the container running.
+pub(super) const CATCH_UP: Duration = Duration::from_secs(3);
 /// Events kept for a client that reads slowly; one that falls further
 /// behind has its stream ended (it subscribes again).
 const CLIENT_BACKLOG: usize = 1024;
@@ -86,6 +97,9 @@ pub(super) struct Events {
     feed: Mutex<Option<broadcast::Sender<Arc<cri::ContainerEventResponse>>>>,
     /// Tells waiting clients that a feed is there.
     feed_changed: watch::Sender<u64>,
+    /// When a subscription that brings exits last came up (see
+    /// [`CATCH_UP`]).
+    came_up: Mutex<Option<Instant>>,
 }
 
 impl Events {
@@ -98,7 +112,14 @@ impl Events {
             support: watch::channel(Support::Unknown).0,
             feed: Mutex::new(None),
             feed_changed: watch::channel(0).0,
+            came_up: Mutex::new(None),
         }
+    }
+
+    /// A subscription that brings exits came up: exits are still polled
+    /// for [`CATCH_UP`].
+    pub(super) fn came_up(&self) {
+        *lock(&self.came_up) = Some(Instant::now());
     }
 
     pub(super) fn for_exits(&self) -> bool {
@@ -119,8 +140,17 @@ impl Events {
     /// How often a container whose exit matters is read: never while the
     /// events bring every exit, slowly while they may miss some (a runtime
     /// that splits its events between subscribers), every
-    /// [`super::WATCH_INTERVAL`] otherwise.
+    /// [`super::WATCH_INTERVAL`] otherwise, and also for [`CATCH_UP`] after
+    /// a subscription came up.
     pub(super) fn watch_interval(&self) -> Option<Duration> {
+        self.watch_interval_at(Instant::now())
+    }
+
+    fn watch_interval_at(&self, now: Instant) -> Option<Duration> {
+        let catching_up = lock(&self.came_up).is_some_and(|t| now < t + CATCH_UP);
+        if self.for_exits && catching_up {
+            return Some(super::WATCH_INTERVAL);
+        }
         if self.task_exits() {
             return None;
         }
@@ -284,8 +314,10 @@ async fn up(me: &Arc<Inner>) {
              another client took one"
         );
     } else {
-        info!("subscribed to the runtime's container events: exits are no longer polled");
+        info!("subscribed to the runtime's container events: exits are polled only for {CATCH_UP:?} more");
     }
+    me.events.came_up();
+    me.wake.notify_one();
     let watched = lock(&me.machine).watched();
     for container in watched {
         me.observe_exit(&container).await;
@@ -331,7 +363,9 @@ async fn handle(me: &Arc<Inner>, event: cri::ContainerEventResponse) {
         // No receiver: no client subscribed; nothing to do.
         let _ = feed.send(Arc::new(event));
     }
-    if stopped && me.events.live() && lock(&me.machine).is_watched(&id) {
+    // Also while containerd's task exits bring exits: this subscription
+    // may have been registered before that one (an exit is recorded once).
+    if stopped && me.events.for_exits() && lock(&me.machine).is_watched(&id) {
         match code {
             Some(code) => me.feed(Event::Exited {
                 container: id,
@@ -417,6 +451,28 @@ mod tests {
             runtime_version: version.to_owned(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn exits_are_polled_for_a_while_after_a_subscription_came_up() {
+        let events = Events::new(true);
+        events.task_exits.store(true, Ordering::Release);
+        let now = Instant::now();
+        assert_eq!(events.watch_interval_at(now), None, "never came up");
+        events.came_up();
+        let up = lock(&events.came_up).expect("set");
+        assert_eq!(
+            events.watch_interval_at(up + CATCH_UP / 2),
+            Some(super::super::WATCH_INTERVAL)
+        );
+        assert_eq!(events.watch_interval_at(up + CATCH_UP), None);
+        // Without exits from events (exit_events = false) polling goes on.
+        let polled = Events::new(false);
+        polled.came_up();
+        assert_eq!(
+            polled.watch_interval_at(Instant::now() + CATCH_UP),
+            Some(super::super::WATCH_INTERVAL)
+        );
     }
 
     #[test]

@@ -15,8 +15,9 @@
 //!
 //! Exits are of init processes only (an exec's end is not a container's);
 //! containers are told apart by their ids, which are the CRI's. After the
-//! subscription (re)starts every watched container is read once, so that
-//! no exit is missed in between.
+//! subscription (re)starts every watched container is read at once and
+//! polled for [`super::events::CATCH_UP`] more, so that no exit is
+//! missed in between.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -126,7 +127,12 @@ impl Subscription for TaskExits {
             if me.events.task_exits.swap(true, Ordering::AcqRel) {
                 return;
             }
-            info!("subscribed to containerd's task exit events: exits are no longer polled");
+            info!(
+                "subscribed to containerd's task exit events: exits are polled only for {:?} more",
+                super::events::CATCH_UP
+            );
+            me.events.came_up();
+            me.wake.notify_one();
             let watched = lock(&me.machine).watched();
             for container in watched {
                 me.observe_exit(&container).await;
