@@ -214,17 +214,48 @@ const SLOW_PULL: Duration = Duration::from_secs(10);
 
 /// The app is listed first and its proxy's image comes from a registry on
 /// loopback that holds each blob 10 s (a first pull of a mesh proxy's image
-/// on a real node). kubelet creates and starts the app, then pulls the
-/// proxy's image for 10 s or more before it creates the proxy: the shim
-/// must not take the deferred app for an init container (kubelet created
-/// nothing after it for seconds); kubelet's PullImage for the pod says it
-/// went on to the next container. The app starts once the proxy listens
-/// and connects on its first try.
+/// on a real node), while another pod's image, from a second such
+/// registry, is being pulled. kubelet pulls one image at a time (its
+/// default, `serializeImagePulls`): it creates and starts the app, asks
+/// ImageStatus for the proxy's image, then waits its turn for the other
+/// pod's pull to end before it even sends PullImage, and pulls for 10 s more
+/// before it creates the proxy. The shim must not take the deferred app for
+/// an init container in all that time: kubelet's ImageStatus, which carries
+/// the pod's annotations, says it went on to the next container. The app
+/// starts once the proxy listens and connects on its first try.
 #[test]
 fn startup_the_app_waits_out_a_slow_pull_of_its_sidecars_image() -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let registry = rt.block_on(support::registry::SlowRegistry::start(SLOW_PULL))?;
+    let other_registry = rt.block_on(support::registry::SlowRegistry::start(SLOW_PULL))?;
     let cluster = Cluster::up(Mode::Shim)?;
+    cluster.apply(&format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: first-pull
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: main
+      image: {}
+      imagePullPolicy: IfNotPresent
+      command: [sh, -c, 'while :; do sleep 1; done']
+",
+        other_registry.image("e2e")
+    ))?;
+    // kubelet has taken the other pod's pull (its "Pulling" event).
+    cluster.wait_for(START_TIMEOUT, "first-pull's image to be pulled", || {
+        let events = cluster.kubectl(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=first-pull,reason=Pulling",
+            "-o",
+            "name",
+        ])?;
+        Ok((!events.trim().is_empty()).then_some(()))
+    })?;
     let text = manifest_text("app-first.yaml")?.replace("name: app-first", "name: slow-pull");
     let (head, proxy) = text
         .split_once("    - name: proxy")
@@ -262,31 +293,44 @@ fn startup_the_app_waits_out_a_slow_pull_of_its_sidecars_image() -> Result<()> {
         || format!("the app's records are not one start and a connection:\n{records}"),
     )?;
     let rt_pod = cluster.runtime_pod(pod_uid(&pod))?;
-    let app_created =
-        up(rt_pod.one("app")?.created).context("containerd: the app has no created_at")?;
-    let proxy_start = records.at("proxy", "start")?;
-    let listen = records.at("proxy", "listen")?;
-    let app_first = records.at("app", "start")?;
-    let waited = proxy_start - app_created;
+    let created = |c: &support::cluster::RuntimeContainer, what: &str| {
+        up(c.created).with_context(|| format!("containerd: {what} has no created_at"))
+    };
+    let app_created = created(rt_pod.one("app")?, "the app")?;
+    let proxy_created = created(rt_pod.one("proxy")?, "the proxy")?;
+    let first = cluster.pod("first-pull")?;
+    let other_created = created(
+        cluster.runtime_pod(pod_uid(&first))?.one("main")?,
+        "first-pull's main",
+    )?;
+    // Before the other pod's image was in, the app waited with nothing
+    // but an ImageStatus of the pod reaching the runtime; and the proxy's
+    // own pull came after it, one at a time.
+    let queued = other_created - app_created;
+    let own_pull = proxy_created - other_created;
     check(
         &cluster,
-        registry.blobs_served() >= 1 && waited >= SLOW_PULL.as_secs_f64(),
+        queued >= 3.0 && own_pull >= SLOW_PULL.as_secs_f64() && registry.blobs_served() >= 1,
         || {
             format!(
-                "the proxy's image was not pulled slowly: {} blobs served, the proxy started \
-                 {waited:.1} s after the app was created",
+                "kubelet did not queue the proxy's slow pull behind the other pod's: the app was \
+                 created {queued:.1} s before the other pod's container, the proxy {own_pull:.1} s \
+                 after it ({} blobs served)",
                 registry.blobs_served()
             )
         },
     )?;
+    let listen = records.at("proxy", "listen")?;
+    let app_first = records.at("app", "start")?;
     check(&cluster, app_first >= listen, || {
         format!(
             "the app's first command at {app_first:.2}, before the proxy listened at {listen:.2}:\n{records}"
         )
     })?;
     eprintln!(
-        "through the shim: the proxy's image took {waited:.1} s to pull ({} blobs held {SLOW_PULL:?} \
-         each); the app's first command came {:.0} ms after the proxy listened; restartCount 0",
+        "through the shim: the app waited {queued:.1} s for kubelet's pull queue and {own_pull:.1} s \
+         for the proxy's own pull ({} blobs held {SLOW_PULL:?} each); its first command came \
+         {:.0} ms after the proxy listened; restartCount 0",
         registry.blobs_served(),
         (app_first - listen) * 1000.0
     );

@@ -1625,30 +1625,12 @@ async fn k_app_listed_first_waits_out_a_slow_pull_of_its_sidecars_image() -> Res
     let dir = &env.shared;
     let pod = env
         .kubelet
-        .run_pod(
-            PodDef::new("slow-pull")
-                .termination_grace(GRACE)
-                .annotation(SIDECARS, "proxy")
-                .annotation(&ready_key("proxy"), &format!("tcp://:{PORT}"))
-                .container(
-                    ContainerDef::new("app", script("app", &rec("app.start")))
-                        .mount(dir, "/shared"),
-                )
-                .container(
-                    ContainerDef::new(
-                        "proxy",
-                        script(
-                            "proxy",
-                            &format!("{} nc -ll -p {PORT} -e true &", rec("proxy.listen")),
-                        ),
-                    )
-                    .image(&registry.image("slow"))
-                    .mount(dir, "/shared"),
-                ),
-        )
+        .run_pod(app_before_pulled_proxy(
+            "slow-pull",
+            &registry.image("slow"),
+            dir,
+        ))
         .await?;
-    let app_start = recorded(dir, "app.start").await?;
-    let proxy_listen = recorded(dir, "proxy.listen").await?;
     let pull = wait_call_done(&pod, "PullImage", "proxy").await?;
     let answered = wait_call_done(&pod, "StartContainer", "app").await?;
     let pulled_for = pull.end.context("pull in flight")? - pull.start;
@@ -1664,11 +1646,92 @@ async fn k_app_listed_first_waits_out_a_slow_pull_of_its_sidecars_image() -> Res
         "kubelet's start of the app was not answered before the pull began\n{}",
         env.diag(&pod)
     );
+    app_started_after_its_proxy(&env, &pod).await
+}
+
+/// The same pod behind another pod's slow pull, kubelet pulling one image
+/// at a time (its default, `serializeImagePulls`): kubelet's PullImage of
+/// the proxy's image waits its turn inside kubelet, so all the runtime sees
+/// of the pod for [`SLOW_PULL`] after the app's deferred start is an
+/// ImageStatus for the proxy's image, carrying the pod's annotations. The
+/// app still waits for its proxy. (The shim used to learn that kubelet had
+/// gone on only from the PullImage, and started the app after 2 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k2_app_listed_first_waits_out_a_pull_queued_behind_another_pods() -> Result<()> {
+    let registry = support::registry::SlowRegistry::start(SLOW_PULL).await?;
+    let env = Env::start().await?;
+    ensure!(env.kubelet.config().serialize_image_pulls);
+    let dir = &env.shared;
+    let first = env
+        .kubelet
+        .run_pod(PodDef::new("first-pull").container(
+            ContainerDef::new("main", script("main", "")).image(&registry.image("first")),
+        ))
+        .await?;
+    wait_for_value(TIMEOUT, "first-pull's PullImage to be sent", || {
+        let c = first.first_call("PullImage", Some("main"));
+        async move { Ok(c) }
+    })
+    .await?;
+    let pod = env
+        .kubelet
+        .run_pod(app_before_pulled_proxy(
+            "queued-pull",
+            &registry.image("queued"),
+            dir,
+        ))
+        .await?;
+    let first_pull = wait_call_done(&first, "PullImage", "main").await?;
+    let pull = wait_call_done(&pod, "PullImage", "proxy").await?;
+    let answered = wait_call_done(&pod, "StartContainer", "app").await?;
+    let answered_at = answered.end.context("start in flight")?;
+    let first_done = first_pull.end.context("pull in flight")?;
+    ensure!(
+        first_pull.ok() && answered.ok() && pull.start >= first_done,
+        "kubelet did not pull the proxy's image after the other pod's\n{}\n{}",
+        env.diag(&first),
+        env.diag(&pod)
+    );
+    let quiet = pull.start - answered_at;
+    ensure!(
+        quiet >= SLOW_PULL / 2,
+        "the proxy's PullImage came {quiet:?} after the app's start was answered: \
+         no wait in kubelet's pull queue to test\n{}",
+        env.diag(&pod)
+    );
+    app_started_after_its_proxy(&env, &pod).await
+}
+
+/// An annotated pod whose app is listed before its proxy, which runs
+/// `proxy_image` (to be pulled) and listens on [`PORT`].
+fn app_before_pulled_proxy(name: &str, proxy_image: &str, dir: &Path) -> PodDef {
+    PodDef::new(name)
+        .termination_grace(GRACE)
+        .annotation(SIDECARS, "proxy")
+        .annotation(&ready_key("proxy"), &format!("tcp://:{PORT}"))
+        .container(ContainerDef::new("app", script("app", &rec("app.start"))).mount(dir, "/shared"))
+        .container(
+            ContainerDef::new(
+                "proxy",
+                script(
+                    "proxy",
+                    &format!("{} nc -ll -p {PORT} -e true &", rec("proxy.listen")),
+                ),
+            )
+            .image(proxy_image)
+            .mount(dir, "/shared"),
+        )
+}
+
+/// The app's first command came after its proxy listened (the containers'
+/// own records).
+async fn app_started_after_its_proxy(env: &Env, pod: &PodHandle) -> Result<()> {
+    let app_start = recorded(&env.shared, "app.start").await?;
+    let proxy_listen = recorded(&env.shared, "proxy.listen").await?;
     ensure!(
         app_start + CLOCK_SLACK >= proxy_listen,
-        "the app started at {app_start:.2}, before its proxy listened at {proxy_listen:.2} \
-         (the pull took {pulled_for:?})\n{}",
-        env.diag(&pod)
+        "the app started at {app_start:.2}, before its proxy listened at {proxy_listen:.2}\n{}",
+        env.diag(pod)
     );
     Ok(())
 }

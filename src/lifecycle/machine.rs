@@ -81,13 +81,14 @@ pub struct Settings {
     pub grace_slack: Duration,
     /// The CRI does not tell init containers apart. A normal container whose
     /// start is deferred (its sidecars do not exist yet) and after which
-    /// kubelet does nothing more in the pod for this long (no PullImage for
-    /// it, no CreateContainer: [`Event::PodWork`]) is an init container:
-    /// kubelet waits for it to finish before it goes on to the pod's regular
-    /// containers (sidecars among them). It is started at once and left
-    /// alone. After a regular container kubelet goes on at once (its next
-    /// ImageStatus and PullImage or CreateContainer follow within
-    /// milliseconds), so the window only has to outlast a busy kubelet's
+    /// kubelet does nothing more in the pod for this long (no ImageStatus or
+    /// PullImage for it, no CreateContainer: [`Event::PodWork`]) is an init
+    /// container: kubelet waits for it to finish before it goes on to the
+    /// pod's regular containers (sidecars among them). It is started at once
+    /// and left alone. After a regular container kubelet goes on at once
+    /// (its ImageStatus for the next container follows within milliseconds,
+    /// also when the PullImage after it must wait its turn behind other
+    /// pods' pulls), so the window only has to outlast a busy kubelet's
     /// pause between two calls, never an image pull.
     pub init_window: Duration,
     /// Caps: beyond them the shim forwards without holding (and warns), so
@@ -186,9 +187,10 @@ pub enum Event {
         pod: PodId,
         deadline: Option<Instant>,
     },
-    /// kubelet began work on another container of the pod: a PullImage
-    /// for it (the request carries the pod's sandbox config) or a
-    /// CreateContainer request (before the runtime answers it). kubelet
+    /// kubelet began work on another container of the pod: an ImageStatus
+    /// for it (the request carries the pod's annotations), a PullImage (its
+    /// sandbox config) or a CreateContainer request (before the runtime
+    /// answers it). kubelet
     /// goes on to the next container after starting a regular one, never
     /// after an init container, which it waits for: the pod's deferred
     /// containers are not init containers, however long the pull takes.
@@ -392,8 +394,8 @@ struct Pod {
     /// are not ready (set by the first held start, cleared once nothing in
     /// the pod waits for its sidecars).
     hold_until: Option<Instant>,
-    /// kubelet's steps in this pod: containers created, and the PullImage
-    /// and CreateContainer requests before them ([`Event::PodWork`]). A
+    /// kubelet's steps in this pod: containers created, and the image and
+    /// CreateContainer requests before them ([`Event::PodWork`]). A
     /// deferred start after which this count moves belongs to a regular
     /// container: kubelet went on to the next one.
     creations: u64,
@@ -503,6 +505,11 @@ impl Machine {
     /// The container's name (for logs and fault injection).
     pub fn container_name(&self, container: &str) -> Option<&str> {
         self.containers.get(container).map(|c| c.name.as_str())
+    }
+
+    /// A known pod's name, `namespace/name`.
+    pub fn pod_name(&self, pod: &str) -> Option<&str> {
+        self.pods.get(pod).map(|p| p.name.as_str())
     }
 
     /// The pods whose durable state may have changed since the last call,
@@ -1594,7 +1601,7 @@ impl Machine {
                     &id,
                     "treated as an init container",
                     format!(
-                        "kubelet created nothing after it for {:?}: it waits for it to finish",
+                        "kubelet did nothing more in the pod for {:?}: it waits for it to finish",
                         now - since
                     ),
                 );

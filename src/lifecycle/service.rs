@@ -110,8 +110,17 @@ const INTERCEPTED: &[(&str, When)] = &[
 ];
 
 const GET_CONTAINER_EVENTS: &str = "/runtime.v1.RuntimeService/GetContainerEvents";
-/// Seen for the pod it names (when pods are managed), then forwarded.
+/// Seen for the pod they name (when pods are managed), then forwarded:
+/// kubelet's first step for each container of a pod is an ImageStatus
+/// carrying the pod's annotations, then, if the image is missing, a
+/// PullImage carrying its sandbox config (see [`Event::PodWork`]).
+const IMAGE_STATUS: &str = "/runtime.v1.ImageService/ImageStatus";
 const PULL_IMAGE: &str = "/runtime.v1.ImageService/PullImage";
+/// The annotation kubelet gives every pod when it first sees it, a
+/// timestamp in nanoseconds, kept for the pod's life (kubelet source:
+/// pkg/kubelet/config/config.go). kubelet's ImageStatus requests carry the
+/// pod's annotations, so this tells which pod one is for.
+const FIRST_SEEN: &str = "kubernetes.io/config.seen";
 
 /// The lifecycle interceptor.
 #[derive(Clone)]
@@ -135,9 +144,10 @@ struct Inner {
     rejected: Mutex<HashSet<String>>,
     /// Pod specs by sandbox id (parsed once).
     specs: Mutex<HashMap<String, Arc<PodSpec>>>,
-    /// Sandbox ids of managed pods by pod uid (a PullImage names its pod
-    /// only by its sandbox config).
-    uids: Mutex<HashMap<String, String>>,
+    /// Sandbox ids of managed pods by what names them in image calls: the
+    /// pod's uid (a PullImage's sandbox config) and kubelet's first-seen
+    /// annotation (an ImageStatus's annotations).
+    pod_keys: Mutex<HashMap<PodKey, String>>,
     /// Probe and watch tasks running, by container id.
     probing: Mutex<HashSet<String>>,
     /// Watched containers read once since they became watched, while exits
@@ -213,7 +223,7 @@ impl Lifecycle {
             rewrites: AtomicBool::new(false),
             rejected: Mutex::default(),
             specs: Mutex::default(),
-            uids: Mutex::default(),
+            pod_keys: Mutex::default(),
             probing: Mutex::default(),
             read_once: Mutex::default(),
             netns: Mutex::default(),
@@ -243,7 +253,7 @@ impl Interceptor for Lifecycle {
         // managed: everything the lifecycle may need passes by (and waits
         // for the reconcile).
         let settling = !self.inner.reconciled.load(Ordering::Acquire);
-        if method == PULL_IMAGE {
+        if method == PULL_IMAGE || method == IMAGE_STATUS {
             return settling || self.inner.managed.load(Ordering::Relaxed);
         }
         let Some(name) = method.strip_prefix(RUNTIME) else {
@@ -276,7 +286,7 @@ impl Interceptor for Lifecycle {
             .to_string();
         // Every intercepted call's request starts with the id it is about.
         let id = match name.as_str() {
-            "ListContainers" | "PullImage" => String::new(),
+            "ListContainers" | "PullImage" | "ImageStatus" => String::new(),
             _ => FirstId::decode(call.message.clone())
                 .map(|f| f.id)
                 .unwrap_or_default(),
@@ -297,6 +307,7 @@ impl Interceptor for Lifecycle {
                 let started = Instant::now();
                 let result = match name.as_str() {
                     "PullImage" => inner.pull_image(call).await,
+                    "ImageStatus" => inner.image_status(call).await,
                     "CreateContainer" => inner.create_container(call).await,
                     "StartContainer" => inner.start_container(call).await,
                     "StopContainer" => inner.stop_container(call).await,
@@ -772,14 +783,11 @@ impl Inner {
         let req: cri::CreateContainerRequest = decode(&call.message)?;
         let spec = self.pod_spec(&req.pod_sandbox_id, req.sandbox_config.as_ref());
         if spec.is_some() {
-            if let Some(uid) = pod_uid(req.sandbox_config.as_ref()) {
-                lock(&self.uids).insert(uid.to_string(), req.pod_sandbox_id.clone());
+            if let Some(config) = req.sandbox_config.as_ref() {
+                let uid = config.metadata.as_ref().map(|m| m.uid.as_str());
+                self.remember_keys(&req.pod_sandbox_id, uid, &config.annotations);
             }
-            if lock(&self.machine).knows_pod(&req.pod_sandbox_id) {
-                self.feed(Event::PodWork {
-                    pod: req.pod_sandbox_id.clone(),
-                });
-            }
+            self.pod_work(&req.pod_sandbox_id, "CreateContainer");
         }
         let answer = self.forward(&call, call.message.clone()).await?;
         // Newer kubelets say what kind of container this is; init and
@@ -820,14 +828,57 @@ impl Inner {
     /// working on another container of that pod ([`Event::PodWork`]).
     async fn pull_image(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
         let req: cri::PullImageRequest = decode(&call.message)?;
-        let pod =
-            pod_uid(req.sandbox_config.as_ref()).and_then(|uid| lock(&self.uids).get(uid).cloned());
-        if let Some(pod) = pod {
-            if lock(&self.machine).knows_pod(&pod) {
-                self.feed(Event::PodWork { pod });
-            }
+        if let Some(uid) = pod_uid(req.sandbox_config.as_ref()) {
+            self.pod_work_by(PodKey::Uid(uid.to_string()), "PullImage");
         }
         self.forward(&call, call.message.clone()).await
+    }
+
+    /// kubelet's ImageStatus for a container carries its pod's annotations,
+    /// and it is kubelet's first call for each container: the pod is named
+    /// by its first-seen annotation ([`FIRST_SEEN`]). This comes at once,
+    /// also when kubelet's PullImage then waits its turn behind other pods'
+    /// pulls (kubelet pulls one image at a time by default).
+    async fn image_status(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
+        let req: cri::ImageStatusRequest = decode(&call.message)?;
+        if let Some(seen) = req
+            .image
+            .as_ref()
+            .and_then(|i| i.annotations.get(FIRST_SEEN))
+        {
+            self.pod_work_by(PodKey::FirstSeen(seen.clone()), "ImageStatus");
+        }
+        self.forward(&call, call.message.clone()).await
+    }
+
+    /// Remember what names a managed pod in image calls.
+    fn remember_keys(&self, pod: &str, uid: Option<&str>, annotations: &HashMap<String, String>) {
+        let mut keys = lock(&self.pod_keys);
+        if let Some(uid) = uid.filter(|u| !u.is_empty()) {
+            keys.insert(PodKey::Uid(uid.to_string()), pod.to_string());
+        }
+        if let Some(seen) = annotations.get(FIRST_SEEN).filter(|s| !s.is_empty()) {
+            keys.insert(PodKey::FirstSeen(seen.clone()), pod.to_string());
+        }
+    }
+
+    fn pod_work_by(self: &Arc<Self>, key: PodKey, via: &str) {
+        let pod = lock(&self.pod_keys).get(&key).cloned();
+        if let Some(pod) = pod {
+            self.pod_work(&pod, via);
+        }
+    }
+
+    /// kubelet works on a container of `pod` (its `via` request names it):
+    /// [`Event::PodWork`].
+    fn pod_work(self: &Arc<Self>, pod: &str, via: &str) {
+        let Some(name) = lock(&self.machine).pod_name(pod).map(str::to_string) else {
+            return;
+        };
+        debug!(pod = %name, via, "kubelet works on the pod");
+        self.feed(Event::PodWork {
+            pod: pod.to_string(),
+        });
     }
 
     async fn start_container(self: &Arc<Self>, call: LocalCall) -> Result<Bytes, tonic::Status> {
@@ -981,7 +1032,7 @@ impl Inner {
     /// Forget everything about a pod whose sandbox is gone.
     fn forget_pod(self: &Arc<Self>, pod: &str) {
         lock(&self.specs).remove(pod);
-        lock(&self.uids).retain(|_, id| id != pod);
+        lock(&self.pod_keys).retain(|_, id| id != pod);
         lock(&self.rejected).remove(pod);
         lock(&self.netns).remove(pod);
         if lock(&self.machine).knows_pod(pod) {
@@ -1140,6 +1191,15 @@ impl Drop for HeldGuard {
 /// Whether a runtime call failed because the runtime could not be reached
 /// (as opposed to the runtime refusing it).
 /// The pod uid in a sandbox config, if any.
+/// What names a pod in kubelet's image calls.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum PodKey {
+    /// The pod's uid, in a PullImage's sandbox config.
+    Uid(String),
+    /// kubelet's [`FIRST_SEEN`] annotation, in an ImageStatus's annotations.
+    FirstSeen(String),
+}
+
 fn pod_uid(config: Option<&cri::PodSandboxConfig>) -> Option<&str> {
     config
         .and_then(|c| c.metadata.as_ref())
@@ -1284,14 +1344,8 @@ impl Inner {
             if !known && spec.is_none() {
                 continue;
             }
-            if let Some(uid) = sb
-                .metadata
-                .as_ref()
-                .map(|m| &m.uid)
-                .filter(|u| !u.is_empty())
-            {
-                lock(&self.uids).insert(uid.clone(), sb.id.clone());
-            }
+            let uid = sb.metadata.as_ref().map(|m| m.uid.as_str());
+            self.remember_keys(&sb.id, uid, &sb.annotations);
             let mut listed = Vec::new();
             for c in by_pod.remove(&sb.id).unwrap_or_default() {
                 let meta = c.metadata.clone().unwrap_or_default();

@@ -594,6 +594,11 @@ pub struct KubeletConfig {
     /// about 20 ms sooner). Off by default, unlike kubelet: the tests
     /// written for the simulator assume the pod's shared PID namespace.
     pub pid_namespace_per_container: bool,
+    /// Pull one image at a time, node-wide, in the order asked (kubelet's
+    /// `serializeImagePulls`, true by default: pkg/kubelet/images/puller.go
+    /// queues each PullImage until the one before it is done; the
+    /// ImageStatus before it is sent at once).
+    pub serialize_image_pulls: bool,
 }
 
 impl Default for KubeletConfig {
@@ -606,6 +611,7 @@ impl Default for KubeletConfig {
             runtime_request_timeout: Duration::from_secs(120),
             kill_retry: Duration::from_secs(10),
             pid_namespace_per_container: false,
+            serialize_image_pulls: true,
         }
     }
 }
@@ -616,6 +622,8 @@ struct KubeletInner {
     config: KubeletConfig,
     rt: RuntimeServiceClient<Channel>,
     img: ImageServiceClient<Channel>,
+    /// Taken for each PullImage with `serialize_image_pulls` (FIFO).
+    pulls: tokio::sync::Mutex<()>,
 }
 
 /// The simulated kubelet: one CRI connection (as kubelet has), any number
@@ -640,6 +648,7 @@ impl Kubelet {
                 config,
                 rt,
                 img,
+                pulls: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -677,7 +686,17 @@ impl Kubelet {
         let mut labels = def.labels.clone();
         labels.extend(sandbox_config.labels.drain());
         sandbox_config.labels = labels;
+        // The pod's annotations plus the two kubelet adds to every pod it
+        // is given (pkg/kubelet/config/config.go): its source and when it
+        // first saw the pod, in nanoseconds, which names the pod in the
+        // ImageStatus requests (they carry the pod's annotations).
         sandbox_config.annotations = def.annotations.clone();
+        sandbox_config
+            .annotations
+            .insert("kubernetes.io/config.source".into(), "api".into());
+        sandbox_config
+            .annotations
+            .insert("kubernetes.io/config.seen".into(), first_seen());
 
         let state = Arc::new(PodState {
             kubelet: inner.clone(),
@@ -1099,8 +1118,10 @@ impl PodState {
                 error: CallError::from(status),
             });
         };
+        // kubelet's ImageSpec carries the pod's annotations (EnsureImageExists).
         let spec = ImageSpec {
             image: def.image.clone(),
+            annotations: self.sandbox_config.annotations.clone(),
             ..Default::default()
         };
         let image_status = || ImageStatusRequest {
@@ -1124,6 +1145,10 @@ impl PodState {
             }
         };
         if image.is_none() {
+            let _turn = match k.config.serialize_image_pulls {
+                true => Some(k.pulls.lock().await),
+                false => None,
+            };
             let (_, res) = self
                 .cri(
                     Rec::new("PullImage", origin).container(name),
@@ -2324,4 +2349,31 @@ pub fn pre_stop_json(hook: &PreStop) -> String {
         PreStop::Exec(cmd) => format!("{{\"exec\":{{\"command\":{}}}}}", json_string_array(cmd)),
         PreStop::Sleep(d) => format!("{{\"sleep\":{{\"seconds\":{}}}}}", whole_secs_up(*d)),
     }
+}
+
+/// kubelet's `kubernetes.io/config.seen`: the time it first saw a pod,
+/// RFC 3339 in UTC with nanoseconds.
+fn first_seen() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        now.subsec_nanos()
+    )
 }
