@@ -244,6 +244,10 @@ pub struct LifecycleFile {
     /// How long a lone sidecar stop waits for a sign of pod shutdown.
     #[serde(default, deserialize_with = "de_duration")]
     pub evidence_window: Option<Duration>,
+    /// How long kubelet must do nothing more in a pod after a deferred
+    /// start before the shim takes the container for an init container.
+    #[serde(default, deserialize_with = "de_duration")]
+    pub init_window: Option<Duration>,
     /// Report sidecars the shim stopped (Job completion) as exited 0, Completed.
     #[serde(default)]
     pub rewrite_exit_code: Option<bool>,
@@ -282,6 +286,7 @@ pub struct LifecycleConfig {
     pub failed_exit_window: Duration,
     pub min_stop_grace: Duration,
     pub evidence_window: Duration,
+    pub init_window: Duration,
     pub rewrite_exit_code: bool,
     pub exit_events: bool,
     /// Enabled mesh presets (none by default).
@@ -301,6 +306,7 @@ impl Default for LifecycleConfig {
             failed_exit_window: d.failed_exit_window,
             min_stop_grace: s.min_stop_grace,
             evidence_window: s.evidence_window,
+            init_window: s.init_window,
             rewrite_exit_code: s.rewrite_exit_code,
             exit_events: s.exit_events,
             presets: d.presets,
@@ -320,6 +326,7 @@ impl LifecycleConfig {
             failed_exit_window: file.failed_exit_window.unwrap_or(d.failed_exit_window),
             min_stop_grace: file.min_stop_grace.unwrap_or(d.min_stop_grace),
             evidence_window: file.evidence_window.unwrap_or(d.evidence_window),
+            init_window: file.init_window.unwrap_or(d.init_window),
             rewrite_exit_code: file.rewrite_exit_code.unwrap_or(d.rewrite_exit_code),
             exit_events: file.exit_events.unwrap_or(d.exit_events),
             presets: file.presets.unwrap_or(d.presets),
@@ -348,6 +355,7 @@ impl LifecycleConfig {
         crate::lifecycle::machine::Settings {
             min_stop_grace: self.min_stop_grace,
             evidence_window: self.evidence_window,
+            init_window: self.init_window,
             rewrite_exit_code: self.rewrite_exit_code,
             exit_events: self.exit_events,
             failed_exit_window: self.failed_exit_window,
@@ -1148,6 +1156,18 @@ mod tests {
             assert_eq!(config.lifecycle.defaults().presets, want, "{text:?}");
         }
         assert!(LifecycleConfig::default().defaults().presets.is_empty());
+    }
+
+    #[test]
+    fn init_window_is_set_in_the_lifecycle_table() {
+        let default = Config::merge(&cli(&[]), Some(file("[lifecycle]\n"))).unwrap();
+        assert_eq!(
+            default.lifecycle.settings().init_window,
+            crate::lifecycle::machine::Settings::default().init_window
+        );
+        let set =
+            Config::merge(&cli(&[]), Some(file("[lifecycle]\ninit_window = \"3s\"\n"))).unwrap();
+        assert_eq!(set.lifecycle.settings().init_window, Duration::from_secs(3));
     }
 
     /// systemd/config.toml, installed on nodes, documents the defaults.

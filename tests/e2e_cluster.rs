@@ -965,7 +965,7 @@ fn plain_pods_behave_as_without_the_shim() -> Result<()> {
 /// kubelet counts the native sidecar as started and goes on: the shim,
 /// taking it for an app listed before `mesh`, starts it once `mesh` is
 /// ready. With one, kubelet waits for it and creates nothing else, and the
-/// shim starts it as an init container, 2 s late, before `mesh` is even
+/// shim starts it as an init container, 1 s late, before `mesh` is even
 /// created. Either way the app reaches both sidecars on its first try,
 /// nothing restarts or is created twice, and a deletion stops `mesh` only
 /// after the app exited, within the grace period.
@@ -1063,7 +1063,7 @@ fn native_sidecar_next_to_an_annotated_one() -> Result<()> {
 
 /// Init containers run first, in order, once each, and the app still
 /// reaches its sidecar first time; how much later each step starts than
-/// without the shim is printed (the shim's 2 s init-container heuristic:
+/// without the shim is printed (the shim's 1 s init-container window:
 /// kubelet 1.28 does not mark init containers in the CRI).
 #[test]
 fn init_containers_run_first_and_in_order() -> Result<()> {
@@ -1153,11 +1153,11 @@ fn init_containers_run_first_and_in_order() -> Result<()> {
         ));
     }
     eprintln!("init containers, measured from the containers' records and containerd:\n{table}");
-    // The shim's cost per init container is its 2 s init window plus the
+    // The shim's cost per init container is its 1 s init window plus the
     // time kubelet takes to see the container exit (PLEG relists every 1 s).
-    // Beyond 2 + 1 s and as much again for a loaded machine it has changed.
+    // Beyond 1 + 1 s and as much again for a loaded machine it has changed.
     for i in 0..2 {
-        check(&shim, steps[0][i] - steps[1][i] <= 6.0, || {
+        check(&shim, steps[0][i] - steps[1][i] <= 4.0, || {
             format!(
                 "{} is {:.2} s later than without the shim:\n{table}",
                 names[i],

@@ -1610,14 +1610,14 @@ async fn j_pod_deleted_while_its_app_waits_is_torn_down_within_grace() -> Result
 }
 
 /// How long the slow registry holds each blob: a first pull of a mesh
-/// proxy's image on a node, many times the shim's 2 s init-container window.
+/// proxy's image on a node, many times the shim's 1 s init-container window.
 const SLOW_PULL: Duration = Duration::from_secs(10);
 
 /// An app listed before its sidecar, whose image kubelet must pull first,
 /// from a registry that takes [`SLOW_PULL`] per blob: the app does not start
 /// until the sidecar listens, however long the pull. (kubelet does nothing
 /// else in the pod while it pulls; the shim used to take such a quiet
-/// deferred app for an init container after 2 s and start it.)
+/// deferred app for an init container after its init window and start it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k_app_listed_first_waits_out_a_slow_pull_of_its_sidecars_image() -> Result<()> {
     let registry = support::registry::SlowRegistry::start(SLOW_PULL).await?;
@@ -1655,7 +1655,8 @@ async fn k_app_listed_first_waits_out_a_slow_pull_of_its_sidecars_image() -> Res
 /// of the pod for [`SLOW_PULL`] after the app's deferred start is an
 /// ImageStatus for the proxy's image, carrying the pod's annotations. The
 /// app still waits for its proxy. (The shim used to learn that kubelet had
-/// gone on only from the PullImage, and started the app after 2 s.)
+/// gone on only from the PullImage, and started the app after 2 s, its
+/// init window then.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k2_app_listed_first_waits_out_a_pull_queued_behind_another_pods() -> Result<()> {
     let registry = support::registry::SlowRegistry::start(SLOW_PULL).await?;

@@ -1436,7 +1436,8 @@ fn a_deferred_container_nothing_follows_is_an_init_container() {
         }),
         "{out:?}"
     );
-    let out = w.advance(Duration::from_millis(1900));
+    let window = Settings::default().init_window;
+    let out = w.advance(window - Duration::from_millis(100));
     assert!(!out.contains(&Action::Start(init.clone())));
     let out = w.advance(Duration::from_millis(200));
     assert!(out.contains(&Action::Start(init.clone())), "{out:?}");
