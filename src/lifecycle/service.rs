@@ -1188,9 +1188,6 @@ impl Drop for HeldGuard {
     }
 }
 
-/// Whether a runtime call failed because the runtime could not be reached
-/// (as opposed to the runtime refusing it).
-/// The pod uid in a sandbox config, if any.
 /// What names a pod in kubelet's image calls.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 enum PodKey {
@@ -1200,6 +1197,7 @@ enum PodKey {
     FirstSeen(String),
 }
 
+/// The pod uid in a sandbox config, if any.
 fn pod_uid(config: Option<&cri::PodSandboxConfig>) -> Option<&str> {
     config
         .and_then(|c| c.metadata.as_ref())
@@ -1217,6 +1215,8 @@ fn runtime_state(s: &cri::ContainerStatus) -> RuntimeState {
     }
 }
 
+/// Whether a runtime call failed because the runtime could not be reached
+/// (as opposed to the runtime refusing it).
 fn unreachable(e: &tonic::Status) -> bool {
     match e.code() {
         tonic::Code::Unavailable => true,
