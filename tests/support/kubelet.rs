@@ -14,7 +14,10 @@
 //!   `PodSandboxStatus`) and spawns the pod worker, whose first sync starts
 //!   the containers one at a time in spec order (`ImageStatus`, `PullImage` if
 //!   missing, `ImageStatus`, `CreateContainer`, `StartContainer`), going on
-//!   after a failed start.
+//!   after a failed start. As kubelet's, the pod carries the
+//!   `kubernetes.io/config.source` and `.seen` annotations, every
+//!   `ImageSpec` carries the pod's annotations, and pulls go one at a time
+//!   node-wide (`serializeImagePulls`, kubelet's default).
 //! - A PLEG task relists every second (`ListPodSandbox`, `ListContainers`,
 //!   both unfiltered) and wakes the worker when the pod's containers or
 //!   sandbox changed state. The worker then reads the pod's status
