@@ -1497,7 +1497,8 @@ fn a_pull_for_the_pod_after_a_deferred_app_keeps_it_deferred() {
 /// app is started again: kubelet creates nothing for a while, but a pod
 /// whose sidecar exists is past its init containers, so the app waits for
 /// the sidecar's next attempt (it was started as an init container after
-/// 2 s, without its sidecar). Found by the property test's own init oracle.
+/// the init window, without its sidecar). Found by the property test's own
+/// init oracle.
 #[test]
 fn an_app_restarted_while_its_sidecar_backs_off_is_no_init_container() {
     let mut w = World::new(spec(
