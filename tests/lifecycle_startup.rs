@@ -91,17 +91,18 @@ struct Env {
 
 impl Env {
     async fn start() -> Result<Env> {
+        Self::start_with(KubeletConfig {
+            initial_backoff: BACKOFF,
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn start_with(config: KubeletConfig) -> Result<Env> {
         let containerd = PrivateContainerd::start().await?;
         let listen = containerd.dir().join("shim.sock");
         let shim = ShimProcess::start(&listen, containerd.socket(), &[]).await?;
-        let kubelet = Kubelet::with_config(
-            shim.listen(),
-            &containerd.pod_log_root(),
-            KubeletConfig {
-                initial_backoff: BACKOFF,
-                ..Default::default()
-            },
-        );
+        let kubelet = Kubelet::with_config(shim.listen(), &containerd.pod_log_root(), config);
         let shared = containerd.dir().join("shared");
         std::fs::create_dir_all(&shared)?;
         Ok(Env {
@@ -1618,10 +1619,17 @@ const SLOW_PULL: Duration = Duration::from_secs(10);
 /// until the sidecar listens, however long the pull. (kubelet does nothing
 /// else in the pod while it pulls; the shim used to take such a quiet
 /// deferred app for an init container after its init window and start it.)
+/// Here the ImageStatus before the pull names no pod, so the PullImage alone
+/// tells the shim that kubelet went on (k2 below has kubelet's ImageStatus).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k_app_listed_first_waits_out_a_slow_pull_of_its_sidecars_image() -> Result<()> {
     let registry = support::registry::SlowRegistry::start(SLOW_PULL).await?;
-    let env = Env::start().await?;
+    let env = Env::start_with(KubeletConfig {
+        initial_backoff: BACKOFF,
+        image_spec_annotations: false,
+        ..Default::default()
+    })
+    .await?;
     let dir = &env.shared;
     let pod = env
         .kubelet

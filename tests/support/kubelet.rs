@@ -602,6 +602,10 @@ pub struct KubeletConfig {
     /// queues each PullImage until the one before it is done; the
     /// ImageStatus before it is sent at once).
     pub serialize_image_pulls: bool,
+    /// Send the pod's annotations in every `ImageSpec`, as kubelet does
+    /// (off: an ImageStatus that names no pod, so that only the PullImage
+    /// and CreateContainer tell the shim kubelet went on).
+    pub image_spec_annotations: bool,
 }
 
 impl Default for KubeletConfig {
@@ -615,6 +619,7 @@ impl Default for KubeletConfig {
             kill_retry: Duration::from_secs(10),
             pid_namespace_per_container: false,
             serialize_image_pulls: true,
+            image_spec_annotations: true,
         }
     }
 }
@@ -1124,7 +1129,10 @@ impl PodState {
         // kubelet's ImageSpec carries the pod's annotations (EnsureImageExists).
         let spec = ImageSpec {
             image: def.image.clone(),
-            annotations: self.sandbox_config.annotations.clone(),
+            annotations: match k.config.image_spec_annotations {
+                true => self.sandbox_config.annotations.clone(),
+                false => HashMap::new(),
+            },
             ..Default::default()
         };
         let image_status = || ImageStatusRequest {
