@@ -1240,8 +1240,20 @@ impl Machine {
                 Some(pod)
             }
             Event::PodWork { pod } => {
-                let p = self.pods.get_mut(&pod)?;
-                p.creations += 1;
+                // The count is read only by deferred containers, as "has it
+                // moved since my deferral": a step none of them still waits
+                // to see changes nothing, and leaves the pod's record (and
+                // the state file) as it is. kubelet asks ImageStatus twice
+                // for every container it starts.
+                let count = self.pods.get(&pod)?.creations;
+                let waiting = self.pod_containers(&pod).any(
+                    |c| matches!(c.state, State::Deferred { creations, .. } if creations == count),
+                );
+                if waiting {
+                    if let Some(p) = self.pods.get_mut(&pod) {
+                        p.creations += 1;
+                    }
+                }
                 Some(pod)
             }
             Event::Cancelled { call } => {
